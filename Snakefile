@@ -1,0 +1,151 @@
+# DistillBench: the pipeline is the method section.
+#
+#   data → tokenizer → teacher → student init (per seed) → distill {recipe} × {seed} → evaluate → publish
+#
+# Every rule runs one `distillbench` subcommand (harness/cli.py → harness/steps.py) and can be run by hand.
+#   snakemake --cores all                                  # the tiny suite (config/tiny.yaml)
+#   snakemake --cores all --configfile config/smoke.yaml   # another suite
+#   snakemake -n                                           # the plan;   snakemake --report report.html
+import hashlib
+from pathlib import Path
+
+import yaml
+
+from harness.suite import load_suite
+from harness.validate import validate_plan
+
+if not config:  # no --configfile: the embedded default suite
+    config.update(yaml.safe_load(Path("config/tiny.yaml").read_text()))
+
+# The resolved configuration (suite file + any --config overrides) is what every step reads; it is rewritten
+# only when it changes, and its hash is a parameter of every rule, so editing the suite re-runs what it affects.
+_name = config["suite"]
+SUITE_FILE = Path(config.get("workdir") or f"work/{_name}") / "suite.resolved.yaml"
+_text = yaml.safe_dump(dict(config), sort_keys=True)
+SUITE_FILE.parent.mkdir(parents=True, exist_ok=True)
+if not SUITE_FILE.exists() or SUITE_FILE.read_text() != _text:
+    SUITE_FILE.write_text(_text)
+
+
+def config_hash(*sections):
+    """Hash of the config sections a rule depends on (a params change makes Snakemake re-run the rule)."""
+    picked = {k: config.get(k) for k in sections}
+    return hashlib.sha256(yaml.safe_dump(picked, sort_keys=True).encode()).hexdigest()[:12]
+
+
+H_DATA = config_hash("data")
+H_TOKENIZER = config_hash("data", "tokenizer")
+H_TEACHER = config_hash("data", "tokenizer", "teacher", "training")
+H_STUDENT = config_hash("tokenizer", "student")
+H_DISTILL = config_hash("data", "tokenizer", "teacher", "student", "training", "teacher_cache")
+H_EVAL = config_hash("data", "tokenizer", "teacher", "student", "training", "teacher_cache", "evaluation")
+
+SUITE = load_suite(SUITE_FILE)
+validate_plan(SUITE, check_data=True)  # a typo fails here, in seconds, before anything trains
+RECIPES = SUITE.recipes()
+SEEDS = SUITE.seeds
+SETS = [s["name"] for s in SUITE.evaluation["sets"]]
+W, R = SUITE.workdir, SUITE.results
+CLI = f"distillbench --no-progress"
+ARGS = f"--config {SUITE_FILE} --threads {SUITE.threads_per_job}"
+GPU = 1 if SUITE.device.startswith("cuda") else 0
+RESOURCES = dict(config.get("resources") or {})
+
+wildcard_constraints:
+    recipe="|".join(RECIPES) or "none",
+    seed=r"\d+",
+
+
+def teacher_inputs(wildcards):
+    """Teacher files a run depends on: none for pure SFT recipes."""
+    return [W / "teacher" / "teacher.json"] if RECIPES[wildcards.recipe].uses_teacher else []
+
+
+TARGETS = [(r, s) for r in RECIPES for s in SEEDS] + [("teacher", 0)] + [("init", s) for s in SEEDS]
+
+rule all:
+    input:
+        R / "leaderboard.md",
+
+
+rule data:
+    output: [W / "data" / f"{split}.jsonl" for split in ("train", "valid", "test")] if SUITE.data["kind"] == "tiny" else [W / "data" / "train.jsonl"]
+    params: h=H_DATA
+    log: W / "logs" / "data.log"
+    shell: "{CLI} data {ARGS} > {log} 2>&1"
+
+
+rule tokenizer:
+    input: W / "data" / "train.jsonl"
+    output: W / "tokenizer" / "tokenizer.json"
+    params: h=H_TOKENIZER
+    log: W / "logs" / "tokenizer.log"
+    shell: "{CLI} tokenizer {ARGS} > {log} 2>&1"
+
+
+rule teacher:
+    input: W / "tokenizer" / "tokenizer.json"
+    output: W / "teacher" / "teacher.json"
+    params: h=H_TEACHER
+    threads: workflow.cores
+    resources: gpu=GPU, **RESOURCES.get("teacher", {})
+    log: W / "logs" / "teacher.log"
+    benchmark: W / "benchmarks" / "teacher.tsv"
+    shell: "{CLI} teacher --config {SUITE_FILE} --threads {threads} > {log} 2>&1"
+
+
+rule student_init:
+    input: W / "tokenizer" / "tokenizer.json"
+    output: W / "student_init" / "seed{seed}" / "config.json"
+    params: h=H_STUDENT
+    log: W / "logs" / "student_init_{seed}.log"
+    shell: "{CLI} student-init {ARGS} --seed {wildcards.seed} > {log} 2>&1"
+
+
+rule distill:
+    input:
+        teacher_inputs,
+        W / "student_init" / "seed{seed}" / "config.json",
+        recipe=lambda wc: RECIPES[wc.recipe].path,
+    output: W / "runs" / "{recipe}" / "seed{seed}" / "run.json"
+    params: h=H_DISTILL
+    threads: SUITE.threads_per_job
+    resources: gpu=GPU, **RESOURCES.get("distill", {})
+    log: W / "logs" / "distill_{recipe}_{seed}.log"
+    benchmark: W / "benchmarks" / "distill_{recipe}_{seed}.tsv"
+    shell: "{CLI} distill {ARGS} --recipe {wildcards.recipe} --seed {wildcards.seed} > {log} 2>&1"
+
+
+def evaluate_inputs(wildcards):
+    if wildcards.target == "teacher":
+        return [W / "teacher" / "teacher.json"]
+    if wildcards.target == "init":
+        return [W / "student_init" / f"seed{wildcards.seed}" / "config.json", W / "teacher" / "teacher.json"]
+    return [W / "runs" / wildcards.target / f"seed{wildcards.seed}" / "run.json", W / "teacher" / "teacher.json"]
+
+
+rule evaluate:
+    input: evaluate_inputs
+    output: [W / "records" / "{target}" / "seed{seed}" / f"{s}.json" for s in SETS]
+    params: h=H_EVAL
+    threads: SUITE.threads_per_job
+    resources: gpu=GPU, **RESOURCES.get("evaluate", {})
+    log: W / "logs" / "evaluate_{target}_{seed}.log"
+    benchmark: W / "benchmarks" / "evaluate_{target}_{seed}.tsv"
+    shell: "{CLI} evaluate {ARGS} --target {wildcards.target} --seed {wildcards.seed} > {log} 2>&1"
+
+
+rule publish:
+    input: [W / "records" / t / f"seed{s}" / f"{x}.json" for t, s in TARGETS for x in SETS]
+    output:
+        report(R / "leaderboard.md", category="Leaderboard"),
+        R / "leaderboard.csv",
+        R / "leaderboard.html",
+        R / "leaderboard.tex",
+        report(R / "scores.png", category="Plots"),
+        report(R / "pareto.png", category="Plots"),
+        report(R / "heatmap.png", category="Plots"),
+        report(R / "curves.png", category="Plots"),
+    params: h=H_EVAL
+    log: W / "logs" / "publish.log"
+    shell: "{CLI} publish --config {SUITE_FILE} > {log} 2>&1"

@@ -1,0 +1,124 @@
+"""``distillbench``: one subcommand per Snakemake rule, each calling one function of :mod:`harness.steps`.
+
+    distillbench validate  --config config/tiny.yaml [--recipes recipes]
+    distillbench data      --config config/tiny.yaml
+    distillbench tokenizer --config config/tiny.yaml
+    distillbench teacher   --config config/tiny.yaml
+    distillbench student-init --config config/tiny.yaml --seed 1
+    distillbench teacher-cache --config config/tiny.yaml
+    distillbench distill   --config config/tiny.yaml --recipe fkl --seed 1
+    distillbench evaluate  --config config/tiny.yaml --target fkl --seed 1     (target: a recipe, teacher or init)
+    distillbench publish   --config config/tiny.yaml
+    distillbench objectives                                                     (list the registry)
+
+Errors in the user's input (recipes, suite, data, models) print one line naming the file, key and fix and
+exit with status 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .data.errors import DataError
+from .schema import ConfigError
+
+USER_ERRORS = (ConfigError, DataError)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="distillbench", description=__doc__.split("\n")[0])
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def cmd(name, help_, *extra):
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("--config", required=name != "objectives", help="suite file, e.g. config/tiny.yaml")
+        sp.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+        for args, kwargs in extra:
+            sp.add_argument(*args, **kwargs)
+        return sp
+
+    recipes = (("--recipes",), {"default": None, "help": "recipes directory (default: the suite's)"})
+    cmd("validate", "check a suite, its recipes and data paths without running anything", recipes)
+    cmd("data", "write the suite's train/valid/test data")
+    cmd("tokenizer", "train or save the suite's tokenizer")
+    cmd("teacher", "pre-train the tiny teacher (or point to an existing one)")
+    cmd("student-init", "build the initial student of a seed", (("--seed",), {"type": int, "required": True}))
+    cmd("teacher-cache", "compute the teacher's outputs on the training data once")
+    cmd("distill", "train a student under one recipe and seed",
+        (("--recipe",), {"required": True}), (("--seed",), {"type": int, "required": True}))
+    cmd("evaluate", "evaluate a trained student, the teacher or the untrained student",
+        (("--target",), {"required": True, "help": "a recipe name, 'teacher' or 'init'"}),
+        (("--seed",), {"type": int, "default": 0}))
+    cmd("publish", "aggregate records into leaderboards and plots")
+    sp = sub.add_parser("objectives", help="list the registered objectives")
+    sp.add_argument("--config", default=None)
+    return p
+
+
+def run(args: argparse.Namespace) -> None:
+    from . import steps
+    from .suite import load_suite
+
+    if args.command == "objectives":
+        from . import objectives
+
+        for name in objectives.available():
+            spec = objectives.spec(name)
+            print(f"{name:9s} {spec.kind:13s} sparse={'yes' if spec.sparse_ok else 'no ':3s} "
+                  f"{spec.defaults or ''} {spec.summary}")
+        return
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    suite = load_suite(args.config)
+    progress = not args.no_progress
+    from .validate import validate_plan
+
+    if args.command == "validate":
+        report = validate_plan(suite, recipes_dir=args.recipes, check_data=True)
+        print(report)
+        return
+    if args.command == "data":
+        steps.prepare_data(suite)
+    elif args.command == "tokenizer":
+        steps.prepare_tokenizer(suite)
+    elif args.command == "teacher":
+        steps.prepare_teacher(suite, progress=progress)
+    elif args.command == "student-init":
+        steps.init_student(suite, args.seed)
+    elif args.command == "teacher-cache":
+        steps.build_teacher_cache(suite, progress=progress)
+    elif args.command == "distill":
+        validate_plan(suite, check_data=False)
+        steps.distill(suite, suite.recipes()[args.recipe], args.seed, progress=progress)
+    elif args.command == "evaluate":
+        steps.evaluate(suite, args.target, args.seed, progress=progress)
+    elif args.command == "publish":
+        steps.publish(suite)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    from .models import ModelError
+    from .objectives import ObjectiveError
+
+    try:
+        run(args)
+    except (*USER_ERRORS, ModelError, ObjectiveError) as exc:
+        if args.debug:
+            raise
+        print(f"distillbench {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

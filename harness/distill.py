@@ -1,0 +1,268 @@
+"""The training loop: teacher pre-training, the SFT baseline and distillation are the same function.
+
+Read it top to bottom, nanoGPT style: configuration, data order, optimizer and schedule, resume, the loop
+(teacher forward → student forward → loss → backward → optimizer), checkpoint. What changes between
+recipes is only (a) the objective and its KD weight and (b) where a batch's responses come from
+(:mod:`harness.modes`); data order, steps, tokens and seeds come from the suite and are the same for every
+recipe of a comparison.
+
+Loss of one optimizer step, with ``n`` the number of counted response tokens over all its micro-batches::
+
+    loss = (1 − λ_kd) · CE + λ_kd · D(student ‖ teacher)       (each a token mean over the n tokens)
+
+so gradient accumulation gives exactly the gradient of one large batch (the ``normalizer`` of the
+objectives). ``ce`` recipes are pure SFT and never call the teacher.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import resource
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from . import objectives
+from .data.batching import epoch_order
+from .models import align_vocab
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    """Budgets shared by every recipe of a suite (HF Trainer names where one exists)."""
+
+    max_steps: int = 200
+    per_device_train_batch_size: int = 32
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 3e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    max_grad_norm: float = 1.0
+    max_length: int = 64
+    max_prompt_tokens: int = 48
+    chunk_size: int | None = None
+    checkpoint_every: int = 0  # optimizer steps between resumable checkpoints (0: only at the end)
+    log_every: int = 10
+    device: str = "cpu"
+
+
+@dataclass
+class TrainResult:
+    steps: int = 0
+    tokens: int = 0  # counted (response) tokens that entered the loss
+    samples: int = 0
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    resumed_from: int = 0
+
+    def costs(self) -> dict:
+        t = dict(self.timings)
+        wall = t.get("train_time_s", 0.0)
+        return {
+            **{k: round(v, 4) for k, v in t.items()},
+            "student_fwd_bwd_s": round(t.get("student_forward_s", 0.0) + t.get("student_backward_s", 0.0), 4),
+            "steps": self.steps,
+            "tokens": self.tokens,
+            "samples": self.samples,
+            "tokens_per_s": round(self.tokens / wall, 1) if wall else None,
+            "sec_per_sample": round(wall / self.samples, 6) if self.samples else None,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
+        }
+
+
+@contextmanager
+def timed(timings: dict, phase: str, device: str):
+    """Accumulate wall time of a phase (synchronising CUDA so GPU time lands in the right phase)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    yield
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    timings[phase] += time.perf_counter() - start
+
+
+def batch_order(n_examples: int, batch_size: int, data_seed: int, index: int) -> list[int]:
+    """Example indices of the ``index``-th micro-batch: a pure function of (data_seed, index).
+
+    Epoch e visits the permutation ``epoch_order(n, data_seed, e)``; the same for every recipe, and a
+    resumed run continues exactly where it stopped.
+    """
+    start = index * batch_size
+    out: list[int] = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n_examples)
+        out.extend(epoch_order(n_examples, data_seed, epoch)[offset : offset + batch_size - len(out)])
+    return out
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_state(path: Path, **state) -> None:
+    """Atomic ``torch.save``: a crash mid-write leaves the previous checkpoint intact."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def train(
+    student,
+    next_batch: Callable[[int], dict],
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    objective: objectives.Objective,
+    kd_weight: float = 1.0,
+    temperature: float = 1.0,
+    teacher_logits: Callable[[dict], torch.Tensor] | None = None,
+    state_path: Path | None = None,
+    name: str = "run",
+    progress: bool = True,
+    on_step: Callable[[int, "TrainResult"], None] | None = None,
+) -> TrainResult:
+    """Train ``student`` for ``cfg.max_steps`` optimizer steps and return costs and the loss curve.
+
+    ``next_batch(i)`` gives the i-th micro-batch (a dict of ``input_ids``, ``attention_mask``, ``labels``,
+    ``loss_mask`` [B, T], see :mod:`harness.data.batching`); ``teacher_logits(batch)`` gives the teacher's
+    logits ``[B, T, V]`` for it (a live forward or the teacher cache), or is ``None`` for pure SFT.
+    ``state_path``: where resumable checkpoints go; an existing one is resumed (model, optimizer,
+    schedule, RNG and data position).
+    """
+    from transformers import get_cosine_schedule_with_warmup
+
+    device = cfg.device
+    is_ce = objective.spec.kind == "labels"
+    uses_teacher = not is_ce and kd_weight > 0
+    if uses_teacher and teacher_logits is None:
+        raise ValueError(f"{name}: objective {objective.name!r} with kd_weight {kd_weight} needs a teacher")
+    ce = objectives.get("ce")
+    chunk = cfg.chunk_size
+
+    seed_everything(seed)
+    student.to(device).train()
+    decay = [p for n, p in student.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in student.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.learning_rate, betas=(0.9, 0.95),
+    )
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, math.ceil(cfg.warmup_ratio * cfg.max_steps), cfg.max_steps
+    )
+    result = TrainResult()
+
+    if state_path is not None and state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        student.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        result = state["result"]
+        result.timings = defaultdict(float, result.timings)
+        result.resumed_from = result.steps
+        log.info("%s: resumed from step %d (%s)", name, result.steps, state_path)
+
+    def checkpoint():
+        if state_path is not None:
+            save_state(state_path, model=student.state_dict(), optimizer=optimizer.state_dict(),
+                       scheduler=scheduler.state_dict(), rng=_rng_state(), result=result)
+
+    bar = tqdm(total=cfg.max_steps, initial=result.steps, desc=name, disable=not progress, dynamic_ncols=True)
+    t_start = time.perf_counter() - result.timings["train_time_s"]
+    timings = result.timings
+    accum = cfg.gradient_accumulation_steps
+    for step in range(result.steps, cfg.max_steps):
+        micro = [next_batch(step * accum + k) for k in range(accum)]
+        micro = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in micro]
+        n_tokens = sum(float(b["loss_mask"].sum()) for b in micro)
+        step_loss = 0.0
+        for batch in micro:
+            mask = batch["loss_mask"]
+            t_logits = None
+            if uses_teacher:
+                with timed(timings, "teacher_forward_s", device), torch.no_grad():
+                    t_logits = teacher_logits(batch)
+            with timed(timings, "student_forward_s", device):
+                s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            with timed(timings, "loss_s", device):
+                norm = max(n_tokens, 1.0)
+                if is_ce:
+                    loss = ce(s_logits, None, mask, labels=batch["labels"], normalizer=norm, chunk_size=chunk)
+                else:
+                    s_al, t_al = align_vocab(s_logits, t_logits) if t_logits is not None else (s_logits, None)
+                    loss = kd_weight * objective(s_al, t_al, mask, temperature=temperature, chunk_size=chunk,
+                                                 **({} if objective.spec.kind == "batch" else {"normalizer": norm}))
+                    if objective.spec.kind == "batch":
+                        loss = loss * float(mask.sum()) / norm  # token-weighted across micro-batches
+                    if kd_weight < 1:
+                        loss = loss + (1 - kd_weight) * ce(s_logits, None, mask, labels=batch["labels"],
+                                                           normalizer=norm, chunk_size=chunk)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"{name}: non-finite loss ({float(loss)}) at optimizer step {step + 1}; "
+                    f"last good checkpoint kept{f' at {state_path}' if state_path else ''}"
+                )
+            with timed(timings, "student_backward_s", device):
+                loss.backward()
+            step_loss += float(loss)
+            result.samples += int(batch["input_ids"].shape[0])
+        with timed(timings, "optimizer_s", device):
+            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+            if not torch.isfinite(grad_norm):
+                raise TrainingDiverged(
+                    f"{name}: non-finite gradient norm at optimizer step {step + 1}; "
+                    f"last good checkpoint kept{f' at {state_path}' if state_path else ''}"
+                )
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        result.steps = step + 1
+        result.tokens += int(n_tokens)
+        timings["train_time_s"] = time.perf_counter() - t_start
+        if result.steps % cfg.log_every == 0 or result.steps == cfg.max_steps:
+            result.curve.append((result.steps, round(step_loss, 6)))
+            bar.set_postfix(loss=f"{step_loss:.4f}")
+        bar.update(1)
+        if on_step is not None:
+            on_step(result.steps, result)
+        if cfg.checkpoint_every and result.steps % cfg.checkpoint_every == 0 and result.steps < cfg.max_steps:
+            checkpoint()
+    bar.close()
+    timings["train_time_s"] = time.perf_counter() - t_start
+    student.eval()
+    return result
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    return asdict(cfg)

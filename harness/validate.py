@@ -1,0 +1,55 @@
+"""Validate a whole plan up front (suite, every recipe, data paths, model sources), so a typo fails in seconds.
+
+Runs at the start of every distill step and on demand with ``distillbench validate``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .data.instruct import load_eval_set
+from .recipes import discover
+from .schema import ConfigError
+from .suite import Suite
+
+
+def _check_model_source(suite: Suite, role: str) -> None:
+    entry = getattr(suite, role)
+    if entry["path"] and not Path(entry["path"]).is_dir():
+        raise ConfigError(f"{suite.path}: key '{role}.path': directory {entry['path']!r} not found "
+                          "(give a saved model directory, or 'hub:' with a network)")
+
+
+def validate_plan(suite: Suite, recipes_dir: str | None = None, check_data: bool = True) -> str:
+    """Raise ConfigError/DataError/ObjectiveError on the first problem; return a summary of the plan."""
+    recipes = discover(recipes_dir or suite.recipes_dir, suite.recipe_names)
+    if suite.baseline not in recipes:
+        raise ConfigError(f"{suite.path}: key 'baseline': no recipe named {suite.baseline!r}; "
+                          f"known: {', '.join(sorted(recipes))}")
+    for role in ("teacher", "student"):
+        _check_model_source(suite, role)
+    n_items = {}
+    if check_data:
+        if suite.data["kind"] == "instruct":
+            for split in ("train", "valid"):
+                spec = suite.data[split]
+                if spec is not None and spec.get("path"):
+                    n_items[split] = len(load_eval_set({"name": split, **spec}))
+            if "train" not in n_items and not (suite.data["train"] or {}).get("hub"):
+                raise ConfigError(f"{suite.path}: key 'data.train' needs 'path' or 'hub' for kind 'instruct'")
+        for spec in suite.evaluation["sets"]:
+            path = spec.get("path")
+            generated = path and Path(path).resolve().is_relative_to(suite.workdir.resolve())
+            if path and not generated:
+                n_items[spec["name"]] = len(load_eval_set(spec))
+    runs = len(recipes) * len(suite.seeds)
+    lines = [
+        f"suite {suite.name!r} ({suite.path}): OK",
+        f"  recipes ({len(recipes)}): {', '.join(f'{n} [{r.objective}, {r.mode}]' for n, r in recipes.items())}",
+        f"  seeds: {suite.seeds} -> {runs} distillation runs of {suite.training.max_steps} steps "
+        f"x {suite.training.per_device_train_batch_size * suite.training.gradient_accumulation_steps} sequences",
+        f"  evaluation sets: {', '.join(s['name'] for s in suite.evaluation['sets'])}",
+    ]
+    if n_items:
+        lines.append("  items: " + ", ".join(f"{k}={v}" for k, v in n_items.items()))
+    return "\n".join(lines)

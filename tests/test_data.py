@@ -1,0 +1,487 @@
+"""Tests for harness.data: prompts, tiny generator, real-set loaders, tokenizer, batching."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.data import (
+    DataError,
+    build_prompt,
+    collate,
+    collate_prompts,
+    encode,
+    epoch_order,
+    filter_long_prompts,
+    generate_tiny,
+    item_texts,
+    iterate_batches,
+    load_eval_set,
+    load_jsonl,
+    load_tokenizer,
+    num_batches,
+    train_tokenizer,
+    validate_item,
+    write_jsonl_atomic,
+    write_tiny,
+)
+from harness.data import tiny
+from harness.data.tiny import FAMILIES, KNOWLEDGE_FAMILIES, SEVERAL_ANSWER_FAMILIES
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("DISTILLBENCH_SHARED_DATA", REPO.parent / "shared" / "data"))
+INSTRUCT = SHARED / "instruct"
+needs_shared = pytest.mark.skipif(not INSTRUCT.is_dir(), reason=f"real data not found at {INSTRUCT}")
+
+SMALL = {"train": 600, "valid": 40, "test": 40}
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    return generate_tiny(0)
+
+
+@pytest.fixture(scope="module")
+def tiny_tok(tmp_path_factory, tiny_data):
+    out = tmp_path_factory.mktemp("tok")
+    return train_tokenizer(item_texts(tiny_data["train"]), 1000, out), out
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def test_build_prompt_variants():
+    assert build_prompt("Do X.") == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the "
+        "request.\n\n### Instruction:\nDo X.\n\n### Response:\n"
+    )
+    assert build_prompt("Do X.", "the input") == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n### Instruction:\nDo X.\n\n"
+        "### Input:\nthe input\n\n### Response:\n"
+    )
+    assert build_prompt("Do X.", None) == build_prompt("Do X.")
+
+
+@needs_shared
+def test_prompt_matches_real_files_byte_for_byte():
+    rng = random.Random(0)
+    n_with = n_without = 0
+    for f in sorted(INSTRUCT.glob("*.jsonl")):
+        rows = [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+        for row in rng.sample(rows, min(60, len(rows))):
+            inp = row.get("input") or ""
+            assert build_prompt(row["instruction"], inp) == row["prompt"], (f.name, row["instruction"][:60])
+            n_with += bool(inp)
+            n_without += not inp
+    assert n_with > 20 and n_without > 20  # both variants were really checked
+
+
+# ---------------------------------------------------------------- tiny generator
+
+
+def test_tiny_deterministic_files(tmp_path):
+    a = write_tiny(tmp_path / "a", seed=3, sizes=SMALL)
+    b = write_tiny(tmp_path / "b", seed=3, sizes=SMALL)
+    c = write_tiny(tmp_path / "c", seed=4, sizes=SMALL)
+    assert set(a) == {"train", "valid", "test"}
+    for s in a:
+        assert a[s].name == f"{s}.jsonl"
+        assert a[s].read_bytes() == b[s].read_bytes()
+        assert a[s].read_bytes() != c[s].read_bytes()
+    assert not list((tmp_path / "a").glob(".*tmp"))  # no temp files left behind
+    assert len(a["train"].read_text().splitlines()) == SMALL["train"]
+    # the world (facts) does not depend on the split seed
+    facts = {}
+    for d in (generate_tiny(3, 600, 40, 40), generate_tiny(4, 600, 40, 40)):
+        for it in d["train"]:
+            if it["task"] == "capital" and it["input"]:
+                assert facts.setdefault(it["input"], it["output"]) == it["output"]
+
+
+def test_tiny_cli(tmp_path, capsys):
+    paths = tiny.main([str(tmp_path), "--seed", "1", "--n-train", "100", "--n-valid", "20", "--n-test", "20"])
+    assert [len(load_jsonl(paths[s])) for s in ("train", "valid", "test")] == [100, 20, 20]
+    assert "train.jsonl" in capsys.readouterr().out
+
+
+def test_tiny_sizes_and_families(tiny_data):
+    assert {s: len(v) for s, v in tiny_data.items()} == {"train": 4000, "valid": 200, "test": 200}
+    for s, items in tiny_data.items():
+        assert {it["task"] for it in items} == set(FAMILIES), s
+    with pytest.raises(ValueError, match="n_valid"):
+        generate_tiny(0, 100, 5, 20)
+
+
+def test_tiny_splits_disjoint(tiny_data):
+    keys = {s: {(it["instruction"], it["input"]) for it in items} for s, items in tiny_data.items()}
+    assert not keys["train"] & keys["valid"]
+    assert not keys["train"] & keys["test"]
+    assert not keys["valid"] & keys["test"]
+    tiny.check_disjoint(tiny_data)
+    with pytest.raises(ValueError, match="share"):
+        tiny.check_disjoint({"train": tiny_data["train"][:5], "test": tiny_data["train"][:1]})
+
+
+def test_tiny_items_valid(tiny_data):
+    for s, items in tiny_data.items():
+        ids = [it["id"] for it in items]
+        assert len(set(ids)) == len(ids)
+        for it in items:
+            validate_item(it)
+            assert it["prompt"] == build_prompt(it["instruction"], it["input"])
+            assert 1 <= len(it["output"].split()) <= 6
+            if it["task"] in KNOWLEDGE_FAMILIES and it["task"] not in SEVERAL_ANSWER_FAMILIES:
+                assert len(it["choices"]) == 4 and it["choices"][it["label"]] == it["output"]
+                assert len(set(it["choices"])) == 4
+            if it["task"] in SEVERAL_ANSWER_FAMILIES:
+                assert 3 <= len(it["answers"]) <= 8
+                assert abs(sum(it["answer_probs"]) - 1) < 1e-9
+            else:
+                assert it["answers"] == [it["output"]]
+    # both prompt variants occur
+    assert any(it["input"] for it in tiny_data["train"]) and any(not it["input"] for it in tiny_data["train"])
+
+
+def test_tiny_one_answer_correct(tiny_data):
+    for it in tiny_data["train"] + tiny_data["test"]:
+        t, text = it["task"], it["instruction"] + " " + it["input"]
+        nums = [int(x) for x in text.replace("?", " ").replace(".", " ").split() if x.isdigit()]
+        if t == "add":
+            assert int(it["output"]) == sum(nums)
+        elif t == "successor":
+            assert int(it["output"]) == nums[0] + 1
+        elif t == "predecessor":
+            assert int(it["output"]) == nums[0] - 1
+        elif t in ("reverse", "sort"):
+            letters = (it["input"] or it["instruction"].split(":", 1)[1]).split()
+            want = letters[::-1] if t == "reverse" else sorted(letters)
+            assert it["output"].split() == want
+        elif t == "even_below":
+            assert set(it["answers"]) == {str(k) for k in range(2, nums[0], 2)}
+
+
+def test_several_answer_tasks_non_uniform(tiny_data):
+    for fam in SEVERAL_ANSWER_FAMILIES:
+        per_prompt = collections.defaultdict(collections.Counter)
+        pooled = collections.Counter()
+        for it in tiny_data["train"]:
+            if it["task"] == fam:
+                assert it["output"] in it["answers"]
+                per_prompt[tuple(it["answers"])][it["output"]] += 1
+                pooled[it["answers"].index(it["output"])] += 1  # rank of the drawn answer
+        assert max(len(c) for c in per_prompt.values()) >= 3, fam  # several answers really drawn
+        # rank 0 (the mode) is drawn clearly more often than rank 2: a non-uniform distribution
+        assert pooled[0] > 2 * pooled[2], (fam, pooled)
+
+
+def test_knowledge_facts_taught_in_train(tiny_data):
+    train = {(it["task"], it["output"]) for it in tiny_data["train"]}
+    for it in tiny_data["test"]:
+        if it["task"] in ("capital", "animal"):
+            assert (it["task"], it["output"]) in train
+
+
+# ---------------------------------------------------------------- real-set loaders
+
+
+@needs_shared
+def test_load_real_sets():
+    counts = {"dolly_dev": 1000, "dolly_valid": 500, "self-inst_valid": 242, "vicuna_valid": 80, "sinst_valid": 1694}
+    for name, n in counts.items():
+        items = load_jsonl(INSTRUCT / f"{name}.jsonl")
+        assert len(items) == n
+        for it in items:
+            validate_item(it)
+            assert it["prompt"] == build_prompt(it["instruction"], it["input"])
+    vic = load_jsonl(INSTRUCT / "vicuna_valid.jsonl")
+    assert all(it["input"] == "" for it in vic) and vic[0]["task"] not in ("", "vicuna_valid")
+
+
+@needs_shared
+def test_sinst_answers_are_lists():
+    items = load_jsonl(INSTRUCT / "sinst_valid.jsonl")
+    raw = [json.loads(line) for line in (INSTRUCT / "sinst_valid.jsonl").read_text().splitlines()]
+    for it, r in zip(items, raw):
+        assert isinstance(r["output"], list)
+        assert it["answers"] == r["output"] and it["output"] == r["output"][0]
+        assert isinstance(it["output"], str)
+    assert any(len(it["answers"]) > 1 for it in items)
+
+
+def test_list_output_as_string(tmp_path):
+    p = tmp_path / "my_sinst.jsonl"
+    p.write_text(json.dumps({"instruction": "i", "output": json.dumps(["a", "b"])}) + "\n")
+    (it,) = load_jsonl(p)
+    assert it["answers"] == ["a", "b"] and it["output"] == "a"
+    q = tmp_path / "plain.jsonl"
+    q.write_text(json.dumps({"instruction": "i", "output": '["a"]'}) + "\n")
+    assert load_jsonl(q)[0]["answers"] == ['["a"]']  # only S-NI-like sets parse strings
+
+
+@needs_shared
+def test_load_eval_set_local(tmp_path):
+    items = load_eval_set({"name": "dolly", "path": str(INSTRUCT / "dolly_valid.jsonl"), "limit": 7})
+    assert len(items) == 7 and items[0]["id"] == "dolly-00001"
+    rel = load_eval_set({"name": "sinst", "path": "instruct/sinst_valid.jsonl"}, base_dir=SHARED)
+    assert len(rel) == 1694
+
+
+def test_load_eval_set_hub_offline(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+
+    def offline(*a, **k):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError) as e:
+        load_eval_set({"name": "dolly", "hub": "MiniLLM/dolly", "split": "test"})
+    msg = str(e.value)
+    assert "MiniLLM/dolly" in msg and "offline" in msg and "path" in msg
+
+
+def test_load_eval_set_hub_rows(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    rows = [{"instruction": "Name a fruit.", "input": "", "output": '["apple", "pear"]'}]
+    monkeypatch.setattr(datasets, "load_dataset", lambda hub, split: rows)
+    (it,) = load_eval_set({"name": "sinst", "hub": "MiniLLM/sinst", "split": "test"})
+    assert it["answers"] == ["apple", "pear"] and it["prompt"] == build_prompt("Name a fruit.")
+
+
+def test_load_eval_set_bad_spec():
+    with pytest.raises(DataError, match="neither 'path' nor 'hub'"):
+        load_eval_set({"name": "x"})
+
+
+def _err(tmp_path, name, text):
+    p = tmp_path / name
+    if text is not None:
+        p.write_text(text, encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        load_jsonl(p)
+    return str(e.value), e.value
+
+
+def test_data_errors(tmp_path):
+    msg, err = _err(tmp_path, "missing.jsonl", None)
+    assert "missing.jsonl" in msg and "not found" in msg and "Fix:" in msg
+
+    msg, err = _err(tmp_path, "empty.jsonl", "\n\n")
+    assert "empty.jsonl" in msg and "line 1" in msg and "empty" in msg and "Fix:" in msg
+
+    good = json.dumps({"instruction": "a", "output": "b"})
+    msg, err = _err(tmp_path, "bad.jsonl", good + "\n" + good + "\n{not json\n")
+    assert "bad.jsonl" in msg and "line 3" in msg and "field '(whole line)'" in msg and "Fix:" in msg
+    assert err.line == 3
+
+    msg, err = _err(tmp_path, "noout.jsonl", good + "\n" + json.dumps({"instruction": "a", "input": "c"}) + "\n")
+    assert "noout.jsonl" in msg and "line 2" in msg and "field 'output'" in msg and "Fix:" in msg
+    assert (err.line, err.field) == (2, "output")
+
+    msg, err = _err(tmp_path, "noins.jsonl", json.dumps({"output": "b"}) + "\n")
+    assert "line 1" in msg and "field 'instruction'" in msg
+
+    msg, err = _err(tmp_path, "list.jsonl", "[1, 2]\n")
+    assert "line 1" in msg and "not an object" in msg
+
+    msg, err = _err(tmp_path, "dup.jsonl", json.dumps({"id": "x", "instruction": "a", "output": "b"}) + "\n" +
+                    json.dumps({"id": "x", "instruction": "c", "output": "d"}) + "\n")
+    assert "line 2" in msg and "field 'id'" in msg
+    assert isinstance(err, ValueError)
+
+
+def test_write_jsonl_atomic_roundtrip(tmp_path):
+    items = [{"instruction": "héllo\nworld", "output": "ok"}]
+    p = write_jsonl_atomic(tmp_path / "sub" / "x.jsonl", items)
+    assert load_jsonl(p)[0]["instruction"] == "héllo\nworld"
+    assert [f.name for f in p.parent.iterdir()] == ["x.jsonl"]
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_special_tokens_and_save_load(tiny_tok):
+    tok, out = tiny_tok
+    assert len(tok) == 1000
+    assert tok.eos_token == tok.bos_token == "<|endoftext|>" and tok.pad_token == "<pad>"
+    assert tok.eos_token_id != tok.pad_token_id
+    from transformers import AutoTokenizer
+
+    loaded = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    again = load_tokenizer(out)
+    text = "What is the capital of Zorvia?\n\n### Response:\nRulik"
+    assert loaded.encode(text, add_special_tokens=False) == tok.encode(text, add_special_tokens=False)
+    assert again.pad_token_id == tok.pad_token_id and again.eos_token_id == tok.eos_token_id
+    assert tok.encode("ab", add_special_tokens=False) == tok("ab")["input_ids"]  # adds no specials
+
+
+def test_tokenizer_round_trip(tiny_tok):
+    tok, _ = tiny_tok
+    texts = ["Héllo, wörld! 你好 🙂\n\n\tindent  two  spaces", "  leading", "trailing  ", "a\r\nb", ""]
+    if INSTRUCT.is_dir():
+        for f in sorted(INSTRUCT.glob("*.jsonl")):
+            lines = f.read_text(encoding="utf-8").splitlines()[:20]
+            texts += [json.loads(line)["prompt"] + str(json.loads(line)["output"]) for line in lines]
+    for t in texts:
+        assert tok.decode(tok.encode(t, add_special_tokens=False)) == t
+
+
+def test_tokenizer_deterministic(tmp_path):
+    texts = item_texts(generate_tiny(0, 300, 20, 20)["train"])
+    a = train_tokenizer(texts, 400)
+    b = train_tokenizer(texts, 400, tmp_path / "b")
+    assert a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str()
+    with pytest.raises(ValueError):
+        train_tokenizer(texts, 100)
+
+
+def test_tiny_lengths_short(tiny_data, tiny_tok):
+    tok, _ = tiny_tok
+    lens = [len(encode(tok, it, 256, 512)["input_ids"]) for it in tiny_data["train"]]
+    assert max(lens) <= 80
+
+
+def test_filter_long_prompts(tiny_tok):
+    tok, _ = tiny_tok
+    items = [
+        {"prompt": build_prompt("short")},
+        {"prompt": build_prompt("long " * 300)},
+        {"prompt": build_prompt("also short")},
+    ]
+    kept, dropped = filter_long_prompts(items, tok, max_prompt_tokens=256)
+    assert dropped == 1 and kept == [items[0], items[2]]
+    n = len(tok.encode(items[0]["prompt"], add_special_tokens=False))
+    assert filter_long_prompts(items[:1], tok, n) == (items[:1], 0)
+    assert filter_long_prompts(items[:1], tok, n - 1) == ([], 1)
+
+
+# ---------------------------------------------------------------- batching
+
+
+class ToyTok:
+    """One token per character: ord(c) + 10; eos = 2."""
+
+    eos_token_id = 2
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) + 10 for c in text]
+
+
+def test_encode_truncation():
+    tok = ToyTok()
+    e = encode(tok, {"prompt": "abcdef", "output": "xy"}, max_prompt_tokens=4, max_length=100)
+    assert e == {"input_ids": [ord(c) + 10 for c in "cdef"] + [ord("x") + 10, ord("y") + 10, 2], "prompt_len": 4}
+    e = encode(tok, {"prompt": "abc", "output": "xyz"}, max_prompt_tokens=10, max_length=5)
+    assert e["input_ids"] == [ord(c) + 10 for c in "abcxy"] and e["prompt_len"] == 3  # eos cut off
+    e = encode(tok, {"prompt": "abcdef", "output": "x"}, max_prompt_tokens=10, max_length=4)
+    assert e["prompt_len"] == 4 and len(e["input_ids"]) == 4
+    e = encode(tok, {"prompt": "ab", "output": "x"}, 10, 10, response="zz")
+    assert e["input_ids"][2:] == [ord("z") + 10] * 2 + [2]
+
+
+def test_collate_label_shift():
+    pad = 0
+    ex = [
+        {"input_ids": [11, 12, 13, 21, 22, 2], "prompt_len": 3},  # prompt 11 12 13, response 21 22 eos
+        {"input_ids": [14, 15, 23, 2], "prompt_len": 2},
+    ]
+    b = collate(ex, pad)
+    assert b["input_ids"].shape == b["attention_mask"].shape == b["labels"].shape == b["loss_mask"].shape == (2, 6)
+    assert b["input_ids"].dtype == torch.long and b["loss_mask"].dtype == torch.float32
+    assert b["input_ids"].tolist() == [[11, 12, 13, 21, 22, 2], [14, 15, 23, 2, 0, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]
+    # logits at position t predict token t+1: targets only where t+1 is a response token
+    assert b["labels"].tolist() == [[-100, -100, 21, 22, 2, -100], [-100, 23, 2, -100, -100, -100]]
+    assert b["loss_mask"].tolist() == [[0, 0, 1, 1, 1, 0], [0, 1, 1, 0, 0, 0]]
+    assert b["prompt_len"].tolist() == [3, 2] and b["lengths"].tolist() == [6, 4]
+    # general identity: labels[:, t] == input_ids[:, t+1] wherever defined
+    m = b["labels"][:, :-1] != -100
+    assert torch.equal(b["labels"][:, :-1][m], b["input_ids"][:, 1:][m])
+    # the number of targets equals the number of response tokens (incl. eos)
+    assert b["loss_mask"].sum().item() == (6 - 3) + (4 - 2)
+
+
+def test_collate_edge_cases():
+    b = collate([{"input_ids": [5, 6], "prompt_len": 2}], 0)  # response truncated away
+    assert b["loss_mask"].sum().item() == 0
+    b = collate([{"input_ids": [5, 6], "prompt_len": 0}], 0)
+    assert b["labels"].tolist() == [[6, -100]]
+    with pytest.raises(ValueError):
+        collate([{"input_ids": [5], "prompt_len": 3}], 0)
+    with pytest.raises(ValueError):
+        collate([], 0)
+
+
+def test_collate_with_real_tokenizer_and_ce(tiny_data, tiny_tok):
+    tok, _ = tiny_tok
+    items = tiny_data["train"][:8]
+    b = collate([encode(tok, it, 256, 512) for it in items], tok.pad_token_id)
+    assert b["loss_mask"].sum(1).tolist() == [len(tok.encode(it["output"])) + 1 for it in items]
+    logits = torch.randn(*b["input_ids"].shape, len(tok))
+    loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), b["labels"], ignore_index=-100)
+    assert torch.isfinite(loss)
+
+
+def test_collate_prompts_left_padding():
+    ids, mask = collate_prompts([[7, 8, 9], [4]], pad_id=0)
+    assert ids.tolist() == [[7, 8, 9], [0, 0, 4]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert ids.dtype == mask.dtype == torch.long
+    assert (ids[:, -1] == torch.tensor([9, 4])).all()  # every row's last prompt token is at T-1
+
+
+def test_batch_order_deterministic_and_resumable():
+    data = list(range(23))
+    a = list(iterate_batches(data, 5, seed=1, epoch=0))
+    assert a == list(iterate_batches(data, 5, seed=1, epoch=0))
+    assert a != list(iterate_batches(data, 5, seed=1, epoch=1))
+    assert a != list(iterate_batches(data, 5, seed=2, epoch=0))
+    assert sorted(x for batch in a for x in batch) == data
+    assert [len(x) for x in a] == [5, 5, 5, 5, 3] and len(a) == num_batches(23, 5)
+    assert list(iterate_batches(data, 5, seed=1, epoch=0, start_batch=3)) == a[3:]
+    assert list(iterate_batches(data, 5, seed=1, epoch=0, drop_last=True)) == a[:4]
+    assert epoch_order(23, 1, 0) == [x for batch in a for x in batch]
+    with pytest.raises(ValueError):
+        list(iterate_batches(data, 5, 1, 0, start_batch=6))
+
+
+def test_tiny_files_reload_identically(tmp_path):
+    paths = write_tiny(tmp_path, seed=0, sizes=SMALL)
+    data = generate_tiny(0, SMALL["train"], SMALL["valid"], SMALL["test"])
+    for s, p in paths.items():
+        assert load_jsonl(p) == data[s]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"instruction": "i", "output": "a", "answers": ["b"]}) + "\n")
+    with pytest.raises(DataError, match="line 1, field 'answers'"):
+        load_jsonl(bad)
+
+
+def test_item_texts_without_responses():
+    items = [{"prompt": "P", "output": "secret", "answers": ["secret", "other"]}]
+    assert item_texts(items) == ["Psecret", "other"]
+    assert item_texts(items, include_responses=False) == ["P"]
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 6), st.integers(0, 6)), min_size=1, max_size=5))
+def test_collate_property(shapes):
+    """For any prompt/response lengths: targets are exactly the next tokens of the response (incl. eos)."""
+    examples = []
+    for i, (p, r) in enumerate(shapes):
+        ids = [100 + 10 * i + k for k in range(p + r)] + [2]
+        examples.append({"input_ids": ids, "prompt_len": p})
+    b = collate(examples, pad_id=0)
+    for row, e in enumerate(examples):
+        ids, p = e["input_ids"], e["prompt_len"]
+        targets = [(t, b["labels"][row, t].item()) for t in range(b["labels"].shape[1]) if b["labels"][row, t] != -100]
+        assert targets == [(t, ids[t + 1]) for t in range(p - 1, len(ids) - 1)]
+        assert b["loss_mask"][row].sum().item() == len(ids) - p
