@@ -56,9 +56,14 @@ wildcard_constraints:
     seed=r"\d+",
 
 
+CACHE = SUITE.teacher_cache is not None
+
+
 def teacher_inputs(wildcards):
-    """Teacher files a run depends on: none for pure SFT recipes."""
-    return [W / "teacher" / "teacher.json"] if RECIPES[wildcards.recipe].uses_teacher else []
+    """Teacher files a run depends on: none for pure SFT; the shared teacher cache when the suite has one."""
+    if not RECIPES[wildcards.recipe].uses_teacher:
+        return []
+    return [W / "teacher" / "teacher.json"] + ([SUITE.cache_path] if CACHE else [])
 
 
 TARGETS = [(r, s) for r in RECIPES for s in SEEDS] + [("teacher", 0)] + [("init", s) for s in SEEDS]
@@ -92,6 +97,17 @@ rule teacher:
     log: W / "logs" / "teacher.log"
     benchmark: W / "benchmarks" / "teacher.tsv"
     shell: "{CLI} teacher --config {SUITE_FILE} --threads {threads} > {log} 2>&1"
+
+
+rule teacher_cache:
+    input: W / "teacher" / "teacher.json"
+    output: SUITE.cache_path
+    params: h=H_DISTILL
+    threads: workflow.cores
+    resources: gpu=GPU, **RESOURCES.get("teacher", {})
+    log: W / "logs" / "teacher_cache.log"
+    benchmark: W / "benchmarks" / "teacher_cache.tsv"
+    shell: "{CLI} teacher-cache --config {SUITE_FILE} --threads {threads} > {log} 2>&1"
 
 
 rule student_init:
@@ -142,10 +158,10 @@ rule publish:
         R / "leaderboard.csv",
         R / "leaderboard.html",
         R / "leaderboard.tex",
-        report(R / "scores.png", category="Plots"),
-        report(R / "pareto.png", category="Plots"),
-        report(R / "heatmap.png", category="Plots"),
-        report(R / "curves.png", category="Plots"),
+        report(R / "plots" / "scores.png", category="Plots"),
+        report(R / "plots" / "pareto.png", category="Plots"),
+        report(R / "plots" / "heatmap.png", category="Plots"),
+        report(R / "plots" / "training_curves.png", category="Plots"),
     params: h=H_EVAL
     log: W / "logs" / "publish.log"
     shell: "{CLI} publish --config {SUITE_FILE} > {log} 2>&1"

@@ -22,9 +22,10 @@ from .data import batching
 from .data.instruct import filter_long_prompts, load_eval_set, load_jsonl, write_jsonl_atomic
 from .data.tokenizer import item_texts, load_tokenizer, train_tokenizer
 from .data.tiny import write_tiny
-from .distill import TrainConfig, TrainResult, batch_order, train
+from .distill import TrainConfig, TrainingDiverged, TrainResult, batch_order, train
 from .io import read_json, write_json_atomic
 from .models import build_tiny, check_same_tokenizer, load_model, resolve_device
+from .modes import batch_source, validation_loss
 from .objectives import get as get_objective
 from .recipes import Recipe
 from .suite import Suite
@@ -183,6 +184,45 @@ def live_teacher(teacher):
     return teacher_logits
 
 
+CACHE_SCHEMA_DEFAULTS = {"mode": "exact", "top_k": 64, "dtype": "float16", "batch_size": 64}
+
+
+def cache_settings(suite: Suite) -> dict | None:
+    if not suite.teacher_cache:
+        return None
+    unknown = set(suite.teacher_cache) - set(CACHE_SCHEMA_DEFAULTS)
+    if unknown:
+        from .schema import ConfigError
+
+        raise ConfigError(f"{suite.path}: unknown key 'teacher_cache.{sorted(unknown)[0]}'; accepted: "
+                          f"{', '.join(CACHE_SCHEMA_DEFAULTS)}")
+    return {**CACHE_SCHEMA_DEFAULTS, **suite.teacher_cache}
+
+
+def build_teacher_cache(suite: Suite, progress: bool = True) -> Path:
+    """Compute the teacher's log-probabilities on every training example once (see harness.teacher_cache)."""
+    from .teacher_cache import build_cache
+
+    settings = cache_settings(suite)
+    if settings is None:
+        raise ValueError(f"{suite.path}: the suite has no 'teacher_cache' section")
+    device = resolve_device(suite.device)
+    tok = load_tokenizer(suite.tokenizer_dir)
+    teacher = load_model(teacher_source(suite), device=device)
+    t0 = time.perf_counter()
+    cache = build_cache(teacher, encoded_train(suite), tok.pad_token_id, mode=settings["mode"],
+                        top_k=settings["top_k"], dtype=settings["dtype"], batch_size=settings["batch_size"],
+                        device=device, progress=progress,
+                        meta={"settings": settings, "teacher": teacher_source(suite)})
+    cache.meta["build_s"] = round(time.perf_counter() - t0, 3)
+    cache.save(suite.cache_path)
+    write_json_atomic(suite.cache_path.with_suffix(".json"), {
+        **cache.meta, "positions": cache.n_positions, "bytes_per_position": cache.bytes_per_position(),
+        "file_bytes": suite.cache_path.stat().st_size,
+    })
+    return suite.cache_path
+
+
 def distill(suite: Suite, recipe: Recipe, seed: int, progress: bool = True) -> Path:
     """Train the seed's initial student under one recipe; save the student and ``run.json``."""
     out = suite.run_dir(recipe.name, seed)
@@ -191,26 +231,167 @@ def distill(suite: Suite, recipe: Recipe, seed: int, progress: bool = True) -> P
     tok = load_tokenizer(suite.tokenizer_dir)
     student = load_model(suite.student_init_dir(seed), device=device, dtype="float32")
     cfg = TrainConfig(**{**suite.training.__dict__, "device": device})
-    teacher = teacher_fn = None
+    teacher_fn = None
     if recipe.uses_teacher:
-        teacher = load_model(teacher_source(suite), device=device)
         check_same_tokenizer(load_tokenizer(teacher_source(suite)), tok)
-        teacher_fn = live_teacher(teacher)
+        cached = cache_settings(suite) is not None and suite.cache_path.exists()
+        # A cached off-policy run never needs the teacher's weights; other modes score student samples live.
+        live = None if cached and recipe.mode == "off_policy" else live_teacher(
+            load_model(teacher_source(suite), device=device))
+        if cached:
+            from .teacher_cache import TeacherCache, cached_or_live
+
+            teacher_fn = cached_or_live(TeacherCache.load(suite.cache_path), live)
+        else:
+            teacher_fn = live
     examples = encoded_train(suite)
     t0 = time.perf_counter()
-    result: TrainResult = train(
-        student, reference_batches(suite, examples, tok.pad_token_id, seed), cfg, seed=seed,
-        objective=recipe.build_objective(), kd_weight=recipe.kd_weight, temperature=recipe.temperature,
-        teacher_logits=teacher_fn, state_path=out / "state.pt", name=f"{recipe.name}/seed{seed}",
-        progress=progress,
+    common = {"suite": suite.name, "recipe": recipe.name, "seed": seed, "recipe_config": recipe.to_dict(),
+              "train_config": cfg.__dict__, "device": device, "machine": machine(device),
+              "git_rev": git_revision(), "versions": versions()}
+    source = batch_source(  # the training mode: reference batches, student samples or DistiLLM's replay
+        recipe.mode, recipe.mode_params, reference=reference_batches(suite, examples, tok.pad_token_id, seed),
+        student=student, tokenizer=tok, examples=examples, pad_id=tok.pad_token_id, seed=seed,
+        max_steps=cfg.max_steps, grad_accum=cfg.gradient_accumulation_steps, max_length=cfg.max_length,
+        val_loss=validation_loss(student, tok, load_jsonl(suite.data_path("valid"), name="valid")[:64],
+                                 pad_id=tok.pad_token_id, max_prompt_tokens=cfg.max_prompt_tokens,
+                                 max_length=cfg.max_length, batch_size=cfg.per_device_train_batch_size)
+        if recipe.mode == "adaptive_off_policy" else None,
     )
+    try:
+        result: TrainResult = train(
+            student, source, cfg, seed=seed,
+            objective=recipe.build_objective(), kd_weight=recipe.kd_weight, temperature=recipe.temperature,
+            teacher_logits=teacher_fn, state_path=out / "state.pt", name=f"{recipe.name}/seed{seed}",
+            progress=progress,
+        )
+    except TrainingDiverged as exc:
+        log.error("%s", exc)
+        write_json_atomic(out / "run.json", {**common, "status": "failed", "error": str(exc)})
+        return out
     student.save_pretrained(str(out / "model"))
     tok.save_pretrained(str(out / "model"))
     write_json_atomic(out / "run.json", {
-        "suite": suite.name, "recipe": recipe.name, "seed": seed, "recipe_config": recipe.to_dict(),
-        "train_config": cfg.__dict__, "costs": result.costs(), "curve": result.curve,
-        "wall_s": round(time.perf_counter() - t0, 3), "device": device, "machine": machine(device),
-        "git_rev": git_revision(), "versions": versions(),
+        **common, "status": "ok", "curve": result.curve, "mode_stats": source.stats,
+        "costs": {**result.costs(), **{k: round(v, 4) for k, v in source.timings.items()}},
+        "resumed_from_step": result.resumed_from, "wall_s": round(time.perf_counter() - t0, 3),
     })
     (out / "state.pt").unlink(missing_ok=True)
     return out
+
+
+# ----------------------------------------------------------------------------------------------- evaluate
+def _target_model_dir(suite: Suite, target: str, seed: int) -> tuple[str, str, dict]:
+    """(model source, role, run.json contents) of an evaluation target."""
+    if target == "teacher":
+        meta = read_json(suite.teacher_dir / "teacher.json")
+        return meta["source"], "teacher", meta
+    if target == "init":
+        return str(suite.student_init_dir(seed)), "init", {}
+    run = read_json(suite.run_dir(target, seed) / "run.json")
+    return str(suite.run_dir(target, seed) / "model"), "student", run
+
+
+def eval_sets(suite: Suite) -> dict[str, list[dict]]:
+    limit = suite.evaluation["max_items"]
+    return {spec["name"]: load_eval_set(spec)[:limit] for spec in suite.evaluation["sets"]}
+
+
+def lm_eval_tasks(suite: Suite, sets: dict[str, list[dict]]) -> tuple[dict, dict]:
+    """Task files for lm-eval built from the evaluation sets (``evaluation.lm_eval.tasks``).
+
+    A ``mc`` task keeps the items that carry ``choices``/``label``; a ``gen`` task uses every item.
+    """
+    spec = suite.evaluation["lm_eval"] or {}
+    tasks: dict[str, dict] = {}
+    out_dir = suite.workdir / "lm_eval"
+    for entry in spec.get("tasks", []):
+        items = sets[entry["set"]]
+        if entry["kind"] == "mc":
+            items = [it for it in items if "choices" in it and "label" in it]
+        path = write_jsonl_atomic(out_dir / f"{entry['name']}.jsonl", items)
+        tasks.setdefault(entry["set"], {})[entry["name"]] = {"path": str(path), "kind": entry["kind"]}
+    kwargs = {"limit": spec.get("limit"), "standard_tasks": tuple(spec.get("standard", ()))}
+    return tasks, kwargs
+
+
+def held_out_batches(suite: Suite, tok, items: list[dict], batch_size: int = 64) -> list[dict]:
+    cfg = suite.training
+    encoded = [batching.encode(tok, it, cfg.max_prompt_tokens, cfg.max_length) for it in items]
+    return [batching.collate(encoded[i : i + batch_size], tok.pad_token_id) for i in range(0, len(encoded), batch_size)]
+
+
+def record_path(suite: Suite, target: str, seed: int, eval_set: str) -> Path:
+    return suite.records_dir / target / f"seed{seed}" / f"{eval_set}.json"
+
+
+def evaluate(suite: Suite, target: str, seed: int, progress: bool = True) -> list[Path]:
+    """Evaluate a student (``target`` = recipe name), the teacher or the untrained student (``init``).
+
+    Writes one record per evaluation set (see harness.report.records for the schema); a failed training
+    run gives failed records, never numbers.
+    """
+    from .evaluation.evaluate_run import evaluate_model
+
+    device = resolve_device(suite.device)
+    source, role, run = _target_model_dir(suite, target, seed)
+    sets = eval_sets(suite)
+    base = {"suite": suite.name, "recipe": target, "seed": seed, "role": role, "git_rev": git_revision(),
+            "versions": versions(), "device": device, "machine": machine(device),
+            "config": {"suite": suite.raw, "recipe": run.get("recipe_config")}}
+    paths = []
+    if run.get("status") == "failed":
+        for name in sets:
+            paths.append(write_json_atomic(record_path(suite, target, seed, name), {
+                **base, "eval_set": name, "status": "failed", "error": run.get("error"), "metrics": {},
+                "costs": run.get("costs", {})}))
+        return paths
+    tok = load_tokenizer(suite.tokenizer_dir)
+    model = load_model(source, device=device)
+    teacher = None if role == "teacher" else load_model(teacher_source(suite), device=device)
+    ev = suite.evaluation
+    gen_cfg = {k: ev[k] for k in ("do_sample", "temperature", "top_p", "top_k", "no_repeat_ngram_size",
+                                  "max_prompt_tokens", "max_length", "max_new_tokens", "batch_size")}
+    tasks, lm_kwargs = lm_eval_tasks(suite, sets)
+    t0 = time.perf_counter()
+    results = evaluate_model(
+        model, tok, sets, teacher=teacher,
+        batches_for_model_metrics={name: held_out_batches(suite, tok, items) for name, items in sets.items()},
+        gen_cfg={**gen_cfg, "progress": progress}, eval_seeds=ev["seeds"],
+        n_coverage_samples=ev["coverage_samples"] or None, lm_eval_tasks=tasks, lm_eval_kwargs=lm_kwargs,
+    )
+    eval_s = time.perf_counter() - t0
+    for name, metrics in results.items():
+        timing_keys = ("generation_s", "model_metrics_s", "lm_eval_s", "eval_time_s")
+        costs = {**run.get("costs", {}), **{k: metrics.pop(k) for k in timing_keys if k in metrics},
+                 "eval_total_s": round(eval_s, 3)}
+        paths.append(write_json_atomic(record_path(suite, target, seed, name), {
+            **base, "eval_set": name, "status": "ok", "error": None, "metrics": metrics, "costs": costs}))
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------- publish
+def expected_runs(suite: Suite) -> list[tuple[str, int, str]]:
+    sets = [s["name"] for s in suite.evaluation["sets"]]
+    targets = [(r, s) for r in suite.recipes() for s in suite.seeds] + [("teacher", 0)]
+    targets += [("init", s) for s in suite.seeds]
+    return [(t, s, x) for t, s in targets for x in sets]
+
+
+def publish(suite: Suite) -> dict[str, Path]:
+    """Leaderboards (md/csv/html/tex) and plots from every record of the suite, into ``results/<suite>``."""
+    from .report import publish as publish_report
+
+    curves = {}
+    for recipe in suite.recipes():
+        per_seed = {}
+        for seed in suite.seeds:
+            run_json = suite.run_dir(recipe, seed) / "run.json"
+            if run_json.exists():
+                per_seed[seed] = read_json(run_json).get("curve", [])
+        curves[recipe] = per_seed
+    return publish_report(
+        str(suite.records_dir / "*" / "seed*" / "*.json"), suite.results,
+        primary_metric=suite.evaluation["primary_metric"], baseline=suite.baseline,
+        expected=expected_runs(suite), curves=curves,
+    )

@@ -49,11 +49,13 @@ __all__ = [
     "column",
     "cost_summary",
     "delta_base",
+    "decimals_for",
     "display_table",
     "eval_sets_of",
     "is_higher_better",
     "metric_label",
     "metric_summary",
+    "ordered_metrics",
     "per_seed_values",
     "recipe_roles",
     "render_csv",
@@ -138,7 +140,8 @@ def column(base: str, stat: str) -> str:
     return f"{base} {stat}"
 
 
-def _ordered_metrics(names: Sequence[str]) -> list[str]:
+def ordered_metrics(names: Sequence[str]) -> list[str]:
+    """Well-known metrics in ``METRIC_ORDER`` first, then the rest alphabetically."""
     known = [m for m in METRIC_ORDER if m in names]
     return known + sorted(m for m in names if m not in METRIC_ORDER)
 
@@ -299,7 +302,7 @@ def build_leaderboard(
     hib = dict(higher_is_better or {})
     sets = eval_sets_of(df)
     roles = recipe_roles(df)
-    others = [m for m in _ordered_metrics(metrics_present) if m != primary_metric]
+    others = [m for m in ordered_metrics(metrics_present) if m != primary_metric]
 
     summary = metric_summary(df, [primary_metric, *others], sets, confidence=confidence, strict=[primary_metric])
     summary = summary.set_index(["recipe", "metric", "eval_set"])
@@ -382,7 +385,8 @@ def _triplet_bases(columns: Sequence[str]) -> list[str]:
     ]
 
 
-def _decimals(values: pd.Series) -> int:
+def decimals_for(values: pd.Series) -> int:
+    """Decimals to show for a column: 1 when values reach 10, 2 when they reach 1, else 3."""
     finite = values.astype("float64").abs()
     finite = finite[np.isfinite(finite)]
     if finite.empty:
@@ -422,7 +426,7 @@ def display_table(lb: pd.DataFrame) -> pd.DataFrame:
     bases = _triplet_bases(list(lb.columns))
     primary = lb.attrs.get("primary_metric")
     primary_label = metric_label(primary, lb.attrs.get("higher_is_better")) if primary else None
-    decimals = {b: _decimals(lb[column(b, "mean")]) for b in bases}
+    decimals = {b: decimals_for(lb[column(b, "mean")]) for b in bases}
     if primary_label:
         primary_bases = [b for b in bases if b.startswith(f"{primary_label} [")]
         if primary_bases:
@@ -468,7 +472,8 @@ def _notes(lb: pd.DataFrame) -> list[str]:
     sets = ", ".join(a.get("eval_sets", []))
     notes = [
         f"Cells read mean ± half-width of the {conf}% Student-t interval over training seeds; a cell with a "
-        "single seed shows no interval; — means no successful run.",
+        "single seed shows no interval; — means no value (no successful run, or for Δ no seed shared with "
+        "the baseline).",
         f"Rank: {label} averaged over the evaluation sets ({sets}) per seed, then over seeds "
         "(seeds that succeeded on every set); reference rows (teacher, untrained init) are not ranked.",
         f"Δ … vs {a.get('baseline', 'baseline')}: mean and interval of the per-seed difference from the "

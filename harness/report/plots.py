@@ -29,8 +29,8 @@ from harness.io import write_bytes_atomic
 from harness.report.leaderboard import (
     AVG,
     REFERENCE_KINDS,
-    _decimals,
-    _ordered_metrics,
+    decimals_for,
+    ordered_metrics,
     cost_summary,
     eval_sets_of,
     is_higher_better,
@@ -173,7 +173,8 @@ def scores_figure(
         ax.set_xlabel("Recipe (best first)")
         ax.set_ylabel(f"{label} (mean over seeds)")
         ax.set_title(
-            f"{label} per recipe — suite {_suite(df)}\nerror bars: {_conf_pct(confidence)}% t-interval over training seeds"
+            f"{label} per recipe — suite {_suite(df)}\n"
+            f"error bars: {_conf_pct(confidence)}% t-interval over training seeds"
         )
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize="small")
     return fig
@@ -244,7 +245,8 @@ def pareto_figure(
         ax.set_ylabel(f"{label}, average over sets")
         better = "higher" if higher else "lower"
         ax.set_title(
-            f"Score vs. cost — suite {_suite(df)}\n({better} score is better; bars: {_conf_pct(confidence)}% t-interval)"
+            f"Score vs. cost — suite {_suite(df)}\n"
+            f"({better} score is better; bars: {_conf_pct(confidence)}% t-interval)"
         )
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize="small")
     return fig
@@ -274,7 +276,7 @@ def heatmap_figure(
     present = [m for m in metric_names(df) if ok[METRIC_PREFIX + m].notna().any()]
     if primary_metric not in present:
         raise NothingToPlot(f"no successful run reports {primary_metric!r}")
-    others = [m for m in _ordered_metrics(present) if m != primary_metric]
+    others = [m for m in ordered_metrics(present) if m != primary_metric]
     summary = metric_summary(df, [primary_metric, *others], sets, confidence=confidence, strict=[primary_metric])
     higher = is_higher_better(primary_metric, higher_is_better)
     students = _student_order(summary, primary_metric, higher, roles)
@@ -301,7 +303,7 @@ def heatmap_figure(
         norm[c] = scaled if up else 1.0 - scaled
     annot = pd.DataFrame(index=raw.index, columns=raw.columns, dtype=object)
     for c in raw.columns:
-        d = _decimals(raw[c])
+        d = decimals_for(raw[c])
         annot[c] = ["" if not np.isfinite(v) else f"{v:.{d}f}" for v in raw[c]]
     ylabels = [f"{r} (ref.)" if roles.get(r) in REFERENCE_KINDS else r for r in raw.index]
     with _style():
