@@ -122,7 +122,8 @@ def prepare_tokenizer(suite: Suite):
     items = train_items(suite)
     if suite.data["kind"] != "tiny":
         return train_tokenizer(item_texts(items) + item_texts(
-            sum((load_eval_set(s) for s in suite.evaluation["sets"]), []), include_responses=False),
+            sum((load_eval_set(eval_set_spec(suite, s)) for s in suite.evaluation["sets"]), []),
+            include_responses=False),
             spec["vocab_size"], suite.tokenizer_dir)  # evaluation prompts, never their answers
     return train_tokenizer(item_texts(items), spec["vocab_size"], suite.tokenizer_dir)
 
@@ -292,9 +293,16 @@ def _target_model_dir(suite: Suite, target: str, seed: int) -> tuple[str, str, d
     return str(suite.run_dir(target, seed) / "model"), "student", run
 
 
+def eval_set_spec(suite: Suite, spec: dict) -> dict:
+    """An evaluation-set entry with ``split: test`` (no path) names the suite's own generated split."""
+    if "split" in spec and not spec.get("path") and not spec.get("hub"):
+        return {**{k: v for k, v in spec.items() if k != "split"}, "path": str(suite.data_path(spec["split"]))}
+    return spec
+
+
 def eval_sets(suite: Suite) -> dict[str, list[dict]]:
     limit = suite.evaluation["max_items"]
-    return {spec["name"]: load_eval_set(spec)[:limit] for spec in suite.evaluation["sets"]}
+    return {spec["name"]: load_eval_set(eval_set_spec(suite, spec))[:limit] for spec in suite.evaluation["sets"]}
 
 
 def lm_eval_tasks(suite: Suite, sets: dict[str, list[dict]]) -> tuple[dict, dict]:

@@ -44,6 +44,7 @@ DATA_SCHEMA = {
     "sizes": Field((dict,), None, help="tiny: {train, valid, test} item counts"),
     "train": Field((dict,), None, help="instruct: {path: file.jsonl} or {hub: id, split: name}"),
     "valid": Field((dict,), None),
+    "test": Field((dict,), None),
     "max_train_items": Field((int, type(None)), None),
 }
 

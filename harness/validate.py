@@ -39,8 +39,7 @@ def validate_plan(suite: Suite, recipes_dir: str | None = None, check_data: bool
                 raise ConfigError(f"{suite.path}: key 'data.train' needs 'path' or 'hub' for kind 'instruct'")
         for spec in suite.evaluation["sets"]:
             path = spec.get("path")
-            generated = path and Path(path).resolve().is_relative_to(suite.workdir.resolve())
-            if path and not generated:
+            if path:
                 n_items[spec["name"]] = len(load_eval_set(spec))
     runs = len(recipes) * len(suite.seeds)
     lines = [

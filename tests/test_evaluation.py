@@ -1,0 +1,531 @@
+"""Tests for harness.evaluation: ROUGE-L (pinned), generation, text/model metrics, lm-eval, driver.
+
+Everything runs offline on tiny models built here (a byte-level BPE tokenizer trained in a fixture and
+2-layer GPT-2s): a random one, an all-zero one (uniform next-token distribution, so log-likelihoods
+are known exactly) and one trained to memorise a handful of items (so greedy outputs are known).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.evaluation import (
+    EVAL_SEEDS,
+    calibration_ece,
+    coverage,
+    distinct_n,
+    ece_from_logits,
+    evaluate_model,
+    exact_match,
+    generate,
+    item_answers,
+    load_rouge_metric,
+    model_metrics,
+    normalize_answer,
+    response_nll,
+    rouge_l,
+    run_lm_eval,
+    teacher_agreement,
+    valid_rate,
+    write_task_configs,
+)
+from harness.evaluation.generation import encode_prompts
+from harness.evaluation.lm_eval_bridge import flatten_results, infer_task_kind, load_template
+from harness.evaluation.metrics.rouge_l.rouge_core import rouge_l_item, rouge_l_per_item
+from harness.evaluation.model_metrics import agreement_stats, ece_bin_stats, nll_stats
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("DISTILLBENCH_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+TEMPLATE = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes "
+    "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+# Items the "memorised" model learns (prompt -> first answer); the colour item has three answers.
+MEMO = [
+    ("Name the capital of France.", ["paris"]),
+    ("What is two plus two?", ["four", "4"]),
+    ("Name a primary colour.", ["red", "blue", "yellow"]),
+    ("Which animal says moo?", ["a cow"]),
+    ("Spell the word dog backwards.", ["god"]),
+    ("What is the opposite of hot?", ["cold"]),
+]
+
+
+def make_item(i: int, instruction: str, answers: list[str], **extra) -> dict:
+    return {
+        "id": f"t{i}",
+        "task": "test",
+        "instruction": instruction,
+        "input": "",
+        "output": answers[0],
+        "answers": list(answers),
+        "prompt": TEMPLATE.format(instruction=instruction),
+        **extra,
+    }
+
+
+MEMO_ITEMS = [make_item(i, ins, ans) for i, (ins, ans) in enumerate(MEMO)]
+
+
+# ----------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module", autouse=True)
+def single_thread_torch():
+    """Tiny models gain nothing from intra-op threads, and oversubscribed cores make them crawl."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [it["prompt"] + " ".join(it["answers"]) for it in MEMO_ITEMS] * 20
+    corpus += ["the cat sat on the mat", "the quick brown fox jumps over the lazy dog"] * 20
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>")
+
+
+def tiny_gpt2(tokenizer, seed: int = 0, initializer_range: float = 0.02):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, n_positions=128, vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, initializer_range=initializer_range,
+    )
+    return GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def random_model(tokenizer):
+    # a larger init makes logits (and top-1 margins) larger than float round-off
+    return tiny_gpt2(tokenizer, seed=1, initializer_range=0.5)
+
+
+@pytest.fixture(scope="module")
+def zero_model(tokenizer):
+    """All parameters 0: logits are 0, the next-token distribution is uniform over the vocabulary."""
+    model = tiny_gpt2(tokenizer)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    return model
+
+
+def collate(tokenizer, items, response_key="output"):
+    """Test collate: prompt + response + eos, RIGHT padded, labels shifted (target of logits[t])."""
+    seqs, starts = [], []
+    for it in items:
+        p = tokenizer(it["prompt"], add_special_tokens=False)["input_ids"]
+        r = tokenizer(it[response_key], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        seqs.append(p + r)
+        starts.append(len(p))
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
+    att = torch.zeros((len(seqs), width), dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100)
+    for b, (s, start) in enumerate(zip(seqs, starts)):
+        ids[b, : len(s)] = torch.tensor(s)
+        att[b, : len(s)] = 1
+        for t in range(start - 1, len(s) - 1):
+            labels[b, t] = s[t + 1]
+    return {"input_ids": ids, "attention_mask": att, "labels": labels, "loss_mask": (labels != -100).float()}
+
+
+@pytest.fixture(scope="module")
+def memorised_model(tokenizer):
+    """Trained to answer each MEMO prompt with its first answer (colour item: all three answers)."""
+    rows = [dict(it, output=it["answers"][0]) for it in MEMO_ITEMS]
+    rows += [dict(MEMO_ITEMS[2], output=a) for a in MEMO_ITEMS[2]["answers"][1:]]
+    batch = collate(tokenizer, rows)
+    model = tiny_gpt2(tokenizer, seed=0)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    for _ in range(200):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1), ignore_index=-100
+        )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return model
+
+
+# ------------------------------------------------------------------------------------------ ROUGE-L
+def test_rouge_l_pinned_by_hand():
+    # LCS("the cat sat on the mat", "the cat is on the mat") = "the cat on the mat" = 5; P = R = 5/6
+    assert rouge_l(["the cat sat on the mat"], [["the cat is on the mat"]]) == pytest.approx(250 / 3)
+    # pred 3 tokens, ref 5 tokens, LCS "a b" = 2 -> P = 2/3, R = 2/5, F = 2PR/(P+R) = 0.5
+    assert rouge_l_item("a x b", ["a b c d e"]) == pytest.approx(50.0)
+    # identical modulo case/punctuation -> 100; stemming: "cats running" ~ "cat run"
+    assert rouge_l_item("The Cat, sat!", ["the cat sat"]) == pytest.approx(100.0)
+    assert rouge_l_item("cats running", ["cat runs"]) == pytest.approx(100.0)
+    # empty prediction -> 0
+    assert rouge_l([""], [["anything at all"]]) == 0.0
+
+
+def test_rouge_l_max_over_references_and_mean_over_items():
+    # S-NI style: several references, the best one counts (50.0 vs 83.33 vs 0)
+    refs = ["a b c d e", "the cat is on the mat", "nothing shared here"]
+    assert rouge_l_item("the cat sat on the mat", refs) == pytest.approx(250 / 3)
+    assert rouge_l_per_item(["the cat sat on the mat", "", "a x b"], [refs, ["x"], ["a b c d e"]]) == pytest.approx(
+        [250 / 3, 0.0, 50.0]
+    )
+    assert rouge_l(["the cat sat on the mat", "", "a x b"], [refs, ["x"], ["a b c d e"]]) == pytest.approx(
+        (250 / 3 + 0 + 50) / 3
+    )
+    with pytest.raises(ValueError):
+        rouge_l(["a"], [[]])
+    with pytest.raises(ValueError):
+        rouge_l(["a", "b"], [["a"]])
+    with pytest.raises(TypeError):
+        rouge_l(["a"], ["a"])  # a bare string is not a reference list
+
+
+def test_rouge_metric_module_loads_offline_and_matches_pure_function():
+    metric = load_rouge_metric()
+    preds = ["the cat sat on the mat", "", "a x b"]
+    refs = [["a b c d e", "the cat is on the mat"], ["x"], ["a b c d e"]]
+    out = metric.compute(predictions=preds, references=refs)
+    assert set(out) == {"rougeL"}
+    assert out["rougeL"] == pytest.approx(rouge_l(preds, refs))
+    assert out["rougeL"] == pytest.approx((250 / 3 + 0 + 50) / 3)
+
+
+def test_rouge_real_sni_reference_against_itself_is_100():
+    path = SHARED_DATA / "instruct" / "sinst_valid.jsonl"
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    with path.open(encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    refs = [r["output"] if isinstance(r["output"], list) else [r["output"]] for r in rows]
+    preds = [r[-1] for r in refs]  # the last reference of each item, scored against all of them
+    assert len(preds) > 100 and any(len(r) > 1 for r in refs)
+    assert rouge_l(preds, refs) == pytest.approx(100.0)
+
+
+# ------------------------------------------------------------------------------------- text metrics
+def test_exact_match_valid_rate_hand_computed():
+    answers = [["Paris"], ["four", "4"], ["red", "blue"]]
+    assert normalize_answer("  The  Cat!\n") == "the cat"
+    # "paris." matches (case, punctuation); "4 " matches; "green" does not -> 2/3
+    assert exact_match(["paris.", "4 ", "green"], answers) == pytest.approx(200 / 3)
+    assert exact_match([], []) == 0.0
+    # 6 samples, valid: paris, PARIS, four, blue -> 4/6
+    samples = [["paris", "PARIS", "rome"], ["four"], ["blue", "green"]]
+    assert valid_rate(samples, answers) == pytest.approx(400 / 6)
+    # one sample per item: valid_rate == exact_match
+    assert valid_rate([["paris."], ["4 "], ["green"]], answers) == pytest.approx(200 / 3)
+    with pytest.raises(ValueError):
+        exact_match(["a"], [])
+
+
+def test_coverage_hand_computed():
+    answers = [["Paris"], ["red", "blue", "yellow"], ["yes", "Yes.", "no"]]
+    samples = [["rome"], ["red", "Red", "blue", "green"], ["yes", "yes"]]
+    # item 0 ignored (one answer); item 1: {red, blue} of 3 -> 2/3; item 2: answers {yes, no}, {yes} -> 1/2
+    assert coverage(samples, answers) == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert coverage([["a"], ["b"]], [["a"], ["b", "B"]]) is None  # no item with >= 2 distinct answers
+    assert coverage([["x"]], [["x", "y"]]) == pytest.approx(0.5)
+
+
+def test_distinct_n_hand_computed():
+    texts = ["a b a b", "a b c", ""]
+    # unigrams: a b a b a b c -> 7 total, 3 unique
+    assert distinct_n(texts, 1) == pytest.approx(3 / 7)
+    # bigrams: (a b)(b a)(a b) + (a b)(b c) -> 5 total, unique {ab, ba, bc} = 3
+    assert distinct_n(texts, 2) == pytest.approx(3 / 5)
+    assert distinct_n(["a"], 2) == 0.0
+    assert distinct_n(["x y z"], 3) == 1.0
+    with pytest.raises(ValueError):
+        distinct_n(["a"], 0)
+
+
+# ------------------------------------------------------------------------------------ model metrics
+def _two_way_logits(p: float) -> list[float]:
+    """Logits over V=2 with softmax = (p, 1 - p)."""
+    return [math.log(p), math.log(1 - p)]
+
+
+def test_ece_from_logits_hand_built():
+    # confidences (top-1 prob) .85 .85 .65 .65 (+ one masked token with .95); predicted class 0
+    logits = torch.tensor([[_two_way_logits(0.85), _two_way_logits(0.85), _two_way_logits(0.65),
+                            _two_way_logits(0.65), _two_way_logits(0.95)]])
+    labels = torch.tensor([[0, 1, 0, 1, 1]])  # correct, wrong, correct, wrong, (wrong but masked)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])
+    # 10 bins: (0.8, 0.9]: acc .5, conf .85, gap .35; (0.6, 0.7]: acc .5, conf .65, gap .15; weights 1/2
+    assert ece_from_logits(logits, labels, mask, n_bins=10) == pytest.approx(0.25)
+    # -100 labels are excluded like a zero mask
+    assert ece_from_logits(logits, torch.tensor([[0, 1, 0, 1, -100]]), None, n_bins=10) == pytest.approx(0.25)
+    # one bin: |acc .5 - mean conf .75| = .25
+    assert ece_from_logits(logits, labels, mask, n_bins=1) == pytest.approx(0.25)
+    # 3 of 4 correct: (0.8, 0.9] acc .5 gap .35, (0.6, 0.7] acc 1 gap .35 -> .35; one bin: |.75 - .75| = 0
+    three_right = torch.tensor([[0, 1, 0, 0, 1]])
+    assert ece_from_logits(logits, three_right, mask, n_bins=10) == pytest.approx(0.35)
+    assert ece_from_logits(logits, three_right, mask, n_bins=1) == pytest.approx(0.0, abs=1e-7)
+    # counts land in the expected bins
+    count, conf_sum, correct = ece_bin_stats(logits, labels, mask, n_bins=10)
+    assert count.tolist() == [0, 0, 0, 0, 0, 0, 2, 0, 2, 0]
+    assert conf_sum[8].item() == pytest.approx(1.7) and correct[8].item() == 1
+    # nothing selected -> 0
+    assert ece_from_logits(logits, labels, torch.zeros_like(mask)) == 0.0
+
+
+def test_agreement_and_nll_stats_hand_built():
+    # token 1: teacher (.5, .5) [argmax 0], student (.25, .75) [argmax 1] -> disagree, KL = .5 ln(4/3)
+    # token 2: both (.8, .2) -> agree, KL 0; token 3 masked out
+    student = torch.tensor([[_two_way_logits(0.25), _two_way_logits(0.8), [9.0, -9.0]]])
+    teacher = torch.tensor([[[0.0, 0.0], _two_way_logits(0.8), [-9.0, 9.0]]])
+    labels = torch.tensor([[1, 0, -100]])
+    agree, kl_sum, n = agreement_stats(student, teacher, labels)
+    assert (agree, n) == (1.0, 2)
+    assert kl_sum == pytest.approx(0.5 * math.log(4 / 3), abs=1e-6)
+    # extra (padded) teacher vocabulary columns are cut before normalising
+    padded = torch.cat([teacher, torch.full((1, 3, 2), 50.0)], dim=-1)
+    assert agreement_stats(student, padded, labels)[1] == pytest.approx(kl_sum, abs=1e-6)
+    # NLL of labels 1 then 0: -ln .75 - ln .8 ... for the student: -ln(.75) - ln(.8)
+    nll, n = nll_stats(student, labels)
+    assert n == 2 and nll == pytest.approx(-math.log(0.75) - math.log(0.8), abs=1e-6)
+
+
+def test_model_metrics_on_models(tokenizer, zero_model, random_model):
+    items = MEMO_ITEMS
+    one_batch = [collate(tokenizer, items)]
+    three_batches = [collate(tokenizer, items[i : i + 2]) for i in range(0, len(items), 2)]
+    vocab = len(tokenizer)
+    # uniform model: NLL = ln V exactly, ppl = V; confidence 1/V, accuracy 0 (argmax = token 0 = eos)
+    out = response_nll(zero_model, one_batch)
+    assert out["response_nll"] == pytest.approx(math.log(vocab), rel=1e-5)
+    assert out["response_ppl"] == pytest.approx(vocab, rel=1e-4)
+    # self-agreement is perfect, KL 0
+    agree = teacher_agreement(random_model, random_model, one_batch)
+    assert agree["top1_agreement"] == 1.0 and agree["kl_to_teacher"] == pytest.approx(0.0, abs=1e-6)
+    # token-pooled over batches: right padding leaves the response logits unchanged
+    pooled = model_metrics(random_model, three_batches, teacher=zero_model)
+    whole = model_metrics(random_model, one_batch, teacher=zero_model)
+    for key in ("ece", "response_nll", "top1_agreement", "kl_to_teacher", "n_response_tokens"):
+        assert pooled[key] == pytest.approx(whole[key], rel=1e-4, abs=1e-6)
+    assert 0.0 <= pooled["ece"] <= 1.0 and 0.0 <= pooled["top1_agreement"] <= 1.0
+    assert pooled["kl_to_teacher"] > 0.0
+    assert calibration_ece(random_model, one_batch) == pytest.approx(whole["ece"])
+    assert random_model.training is False
+
+
+# --------------------------------------------------------------------------------------- generation
+PROMPTS = [
+    TEMPLATE.format(instruction="Name the capital of France."),
+    "the cat",
+    TEMPLATE.format(instruction="the quick brown fox jumps over the lazy dog " * 2),
+    "a",
+    TEMPLATE.format(instruction="What is the opposite of hot?"),
+]
+
+
+def test_encode_prompts_truncates_from_the_left(tokenizer):
+    full = tokenizer(PROMPTS[2], add_special_tokens=False)["input_ids"]
+    assert len(full) > 8
+    assert encode_prompts(tokenizer, [PROMPTS[2], "a"], 8) == [full[-8:], tokenizer("a", add_special_tokens=False)["input_ids"]]
+
+
+def tiny_llama(tokenizer, seed: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=128, vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, initializer_range=0.5,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_generate_greedy_batched_equals_unbatched(tokenizer, random_model, arch):
+    """Left padding is correct: positions come from the attention mask, pads are never attended."""
+    model = random_model if arch == "gpt2" else tiny_llama(tokenizer)
+    kw = dict(do_sample=False, max_new_tokens=12, progress=False)
+    batched = generate(model, tokenizer, PROMPTS, batch_size=4, **kw)
+    single = generate(model, tokenizer, PROMPTS, batch_size=1, **kw)
+    assert batched == single
+    assert all(len(s) == 1 and isinstance(s[0], str) for s in batched)
+    assert any(s[0] for s in batched)  # not all empty
+
+
+def test_generate_sampling_is_seeded_and_leaves_rng_alone(tokenizer, random_model):
+    kw = dict(max_new_tokens=10, batch_size=2, progress=False)
+    torch.manual_seed(123)
+    a = generate(random_model, tokenizer, PROMPTS, seed=10, **kw)
+    after = torch.rand(1)
+    torch.manual_seed(123)
+    b = generate(random_model, tokenizer, PROMPTS, seed=10, **kw)
+    assert a == b
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(1), after)  # the caller's RNG stream is untouched by generate
+    c = generate(random_model, tokenizer, PROMPTS, seed=20, **kw)
+    assert c != a
+    many = generate(random_model, tokenizer, PROMPTS[:2], seed=10, num_return_sequences=3, **kw)
+    assert [len(s) for s in many] == [3, 3]
+    with pytest.raises(ValueError):
+        generate(random_model, tokenizer, PROMPTS, do_sample=False, num_return_sequences=2)
+    assert generate(random_model, tokenizer, [], progress=False) == []
+
+
+def test_generate_respects_length_limits(tokenizer, random_model, monkeypatch):
+    calls = []
+    original = random_model.generate
+
+    def spy(**kwargs):
+        out = original(**kwargs)
+        calls.append((kwargs["input_ids"].shape[1], out.shape[1], kwargs["attention_mask"]))
+        return out
+
+    monkeypatch.setattr(random_model, "generate", spy)
+    generate(random_model, tokenizer, PROMPTS, max_prompt_tokens=8, max_length=14, batch_size=2, progress=False)
+    assert calls
+    for width, total, mask in calls:
+        assert width <= 8 and total <= 14
+        # left padding: every row's real tokens end at the last column
+        assert mask[:, -1].all()
+    # the model's context (n_positions=128) caps max_length=512
+    calls.clear()
+    generate(random_model, tokenizer, PROMPTS[:1], do_sample=False, max_length=512, progress=False)
+    assert calls[0][1] <= 128
+
+
+def test_generate_memorised_answers_stop_at_eos(tokenizer, memorised_model):
+    prompts = [it["prompt"] for it in MEMO_ITEMS]
+    out = generate(memorised_model, tokenizer, prompts, do_sample=False, batch_size=3, progress=False)
+    greedy = [s[0] for s in out]
+    for text, item in zip(greedy, MEMO_ITEMS):
+        assert text in item["answers"], (text, item["answers"])
+    assert greedy[0] == "paris" and greedy[5] == "cold"
+
+
+# ------------------------------------------------------------------------------------------ lm-eval
+def _write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_lm_eval_templates_and_flattening(tmp_path):
+    mc, gen = load_template("mc"), load_template("gen")
+    assert mc["output_type"] == "multiple_choice" and gen["output_type"] == "generate_until"
+    assert gen["generation_kwargs"]["until"] == ["<|endoftext|>", "\n\n"]
+    assert {m["metric"] for m in gen["metric_list"]} == {"exact_match"}
+    assert infer_task_kind([{"choices": ["a"], "label": 0}]) == "mc"
+    assert infer_task_kind([{"choices": ["a"], "label": 0}, {"output": "x"}]) == "gen"
+    data = _write_jsonl(tmp_path / "d.jsonl", [make_item(0, "x", ["y"])])
+    (written,) = write_task_configs({"my_task": data}, tmp_path / "tasks")
+    import yaml
+
+    cfg = yaml.safe_load(written.read_text())
+    assert cfg["task"] == "my_task" and cfg["dataset_kwargs"]["data_files"]["test"] == str(data.resolve())
+    flat = flatten_results({"t": {"alias": "t", "acc,none": 0.5, "acc_stderr,none": "N/A", "em,strict": 1}})
+    assert flat == {"lm_eval/t/acc": 0.5, "lm_eval/t/em_strict": 1.0}
+
+
+def test_run_lm_eval_offline_uniform_model_prefers_fewest_tokens(tmp_path, tokenizer, zero_model):
+    """A uniform model scores a choice by -n_tokens * ln V: the shortest choice always wins."""
+    short, mid, long = "cat", "the cat sat", "the quick brown fox jumps over the lazy dog"
+    rows_short_gold, rows_long_gold = [], []
+    for i, (ins, _) in enumerate(MEMO[:4]):
+        order = [[short, mid, long], [long, short, mid], [mid, long, short], [short, long, mid]][i]
+        rows_short_gold.append(make_item(i, ins, [short], choices=order, label=order.index(short)))
+        rows_long_gold.append(make_item(i, ins, [long], choices=order, label=order.index(long)))
+    task_data = {
+        "db_short_gold": _write_jsonl(tmp_path / "short.jsonl", rows_short_gold),
+        "db_long_gold": {"path": str(_write_jsonl(tmp_path / "long.jsonl", rows_long_gold)), "kind": "mc"},
+    }
+    out = run_lm_eval(zero_model, tokenizer, task_data, batch_size=8)
+    assert out["lm_eval/db_short_gold/acc"] == 1.0
+    assert out["lm_eval/db_long_gold/acc"] == 0.0
+    assert all(0.0 <= v <= 1.0 for v in out.values())
+
+
+# ----------------------------------------------------------------------------------------- driver
+def test_evaluate_model_end_to_end(tmp_path, tokenizer, memorised_model, random_model):
+    gen_items = MEMO_ITEMS
+    mc_rows = [
+        make_item(i, ins, ans, choices=[ans[0], "the lazy dog", "brown fox"][::1 - 2 * (i % 2)],
+                  label=0 if i % 2 == 0 else 2)
+        for i, (ins, ans) in enumerate(MEMO)
+    ]
+    lm_tasks = {
+        "memo": {
+            "db_memo_mc": _write_jsonl(tmp_path / "mc.jsonl", mc_rows),
+            "db_memo_gen": _write_jsonl(tmp_path / "gen.jsonl", gen_items),
+        }
+    }
+    batches = {"memo": [collate(tokenizer, gen_items)]}
+
+    # greedy: one pass, reported as greedy; memorised answers -> ROUGE-L and EM 100
+    res = evaluate_model(
+        memorised_model, tokenizer, {"memo": gen_items}, teacher=memorised_model,
+        batches_for_model_metrics=batches, gen_cfg={"do_sample": False, "progress": False},
+        lm_eval_tasks=lm_tasks, lm_eval_kwargs={"batch_size": 8},
+    )["memo"]
+    assert res["greedy"] == 1.0 and res["n_eval_seeds"] == 1.0 and res["n_items"] == 6.0
+    assert res["rougeL"] == pytest.approx(100.0) and res["exact_match"] == pytest.approx(100.0)
+    assert res["valid_rate"] == pytest.approx(100.0)
+    # coverage over the two several-answer items, one greedy sample each: 1/2 and 1/3
+    assert res["coverage"] == pytest.approx((1 / 2 + 1 / 3) / 2)
+    assert res["top1_agreement"] == 1.0 and res["kl_to_teacher"] == pytest.approx(0.0, abs=1e-6)
+    assert res["response_nll"] < 0.5 and 0.0 <= res["ece"] <= 1.0
+    assert res["lm_eval/db_memo_mc/acc"] == 1.0
+    assert res["lm_eval/db_memo_gen/exact_match"] == 1.0
+    for key in ("generation_s", "eval_time_s", "lm_eval_s", "model_metrics_s"):
+        assert res[key] >= 0.0
+    assert res["eval_time_s"] >= res["generation_s"] + res["lm_eval_s"]
+
+    # sampling, 2 seeds, extra coverage samples, no teacher / batches / lm-eval
+    odd = [make_item(10, "Say something.", ["ok"])]
+    res = evaluate_model(
+        random_model, tokenizer, {"memo": gen_items, "odd": odd},
+        gen_cfg={"max_new_tokens": 8, "progress": False}, eval_seeds=(10, 20), n_coverage_samples=4,
+    )
+    memo, odd_res = res["memo"], res["odd"]
+    assert memo["greedy"] == 0.0 and memo["n_eval_seeds"] == 2.0
+    for key in ("rougeL", "exact_match", "valid_rate"):
+        assert 0.0 <= memo[key] <= 100.0
+    assert 0.0 <= memo["coverage"] <= 1.0 and 0.0 <= memo["distinct_1"] <= 1.0
+    assert memo["rougeL_seed_std"] >= 0.0
+    assert odd_res["coverage"] is None
+    assert "ece" not in memo and "top1_agreement" not in memo
+    with pytest.raises(ValueError):
+        evaluate_model(random_model, tokenizer, {"odd": odd}, gen_cfg={"seed": 1})
+
+
+def test_item_answers_and_seeds():
+    assert item_answers({"answers": ["a", "b"], "output": "a"}) == ["a", "b"]
+    assert item_answers({"output": "x"}) == ["x"]
+    assert item_answers({"output": ["x", "y"]}) == ["x", "y"]
+    assert EVAL_SEEDS == (10, 20, 30, 40, 50)
