@@ -47,7 +47,7 @@ def check(data: dict, schema: dict[str, Field], where: str, prefix: str = "") ->
     unknown = sorted(set(data) - set(schema))
     if unknown:
         raise ConfigError(
-            f"{where}: unknown key {prefix}{unknown[0]!r}; accepted keys: {', '.join(sorted(schema))}"
+            f"{where}: unknown key '{prefix}{unknown[0]}'; accepted keys: {', '.join(sorted(schema))}"
         )
     out = {}
     for key, field in schema.items():

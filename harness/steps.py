@@ -329,6 +329,11 @@ def held_out_batches(suite: Suite, tok, items: list[dict], batch_size: int = 64)
     return [batching.collate(encoded[i : i + batch_size], tok.pad_token_id) for i in range(0, len(encoded), batch_size)]
 
 
+TIMING_KEYS = ("generation_s", "model_metrics_s", "lm_eval_s", "eval_time_s")
+#: bookkeeping values kept in a record's ``details`` rather than its leaderboard ``metrics``
+DETAIL_KEYS = ("greedy", "n_items", "n_eval_seeds", "n_response_tokens", "rougeL_seed_std", "response_ppl")
+
+
 def record_path(suite: Suite, target: str, seed: int, eval_set: str) -> Path:
     return suite.records_dir / target / f"seed{seed}" / f"{eval_set}.json"
 
@@ -370,11 +375,12 @@ def evaluate(suite: Suite, target: str, seed: int, progress: bool = True) -> lis
     )
     eval_s = time.perf_counter() - t0
     for name, metrics in results.items():
-        timing_keys = ("generation_s", "model_metrics_s", "lm_eval_s", "eval_time_s")
-        costs = {**run.get("costs", {}), **{k: metrics.pop(k) for k in timing_keys if k in metrics},
+        costs = {**run.get("costs", {}), **{k: metrics.pop(k) for k in TIMING_KEYS if k in metrics},
                  "eval_total_s": round(eval_s, 3)}
+        details = {k: metrics.pop(k) for k in list(metrics) if k in DETAIL_KEYS or k.endswith("/acc_norm")}
         paths.append(write_json_atomic(record_path(suite, target, seed, name), {
-            **base, "eval_set": name, "status": "ok", "error": None, "metrics": metrics, "costs": costs}))
+            **base, "eval_set": name, "status": "ok", "error": None, "metrics": metrics, "costs": costs,
+            "details": details}))
     return paths
 
 

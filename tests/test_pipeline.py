@@ -1,0 +1,84 @@
+"""End to end: the Snakefile on the smoke suite, in a temporary workdir (a few minutes on 2 cores)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = shutil.which("snakemake") or str(Path(sys.executable).parent / "snakemake")
+
+
+def _env():
+    env = dict(os.environ, PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def snakemake(*args, cwd=REPO, check=True):
+    out = subprocess.run([SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True, env=_env(), timeout=1500)
+    if check and out.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("smoke")
+    overrides = ["--config", f"workdir={tmp / 'work'}", f"results={tmp / 'results'}"]
+    snakemake("--cores", "2", "--configfile", "config/smoke.yaml", *overrides)
+    return tmp, overrides
+
+
+@pytest.mark.slow
+def test_smoke_suite_publishes_a_leaderboard(smoke_run):
+    tmp, _ = smoke_run
+    results = tmp / "results"
+    for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.html", "leaderboard.tex",
+                 "plots/scores.png", "plots/pareto.png", "plots/heatmap.png", "plots/training_curves.png"):
+        assert (results / name).stat().st_size > 0, name
+    rows = {r["Recipe"]: r for r in csv.DictReader((results / "leaderboard.csv").open())}
+    assert {"sft", "fkl", "srkl"} <= set(rows)
+    assert any(r["Kind"] == "teacher" for r in rows.values()) and any(r["Kind"] == "init" for r in rows.values())
+    assert all(r["Status"] == "ok" for r in rows.values())
+    problems = json.loads((results / "report_problems.json").read_text())
+    assert problems["missing_runs"] == [] and problems["failed_runs"] == []
+    # every record carries metrics and costs; the same data order and budget for every recipe
+    runs = [json.loads(p.read_text()) for p in (tmp / "work" / "runs").glob("*/seed*/run.json")]
+    assert len(runs) == 3 * 2
+    assert len({(r["costs"]["steps"], r["costs"]["samples"]) for r in runs}) == 1
+    for seed in (1, 2):
+        tokens = {r["costs"]["tokens"] for r in runs if r["seed"] == seed}
+        assert len(tokens) == 1, "recipes of one seed must see exactly the same tokens"
+    record = json.loads((tmp / "work" / "records" / "fkl" / "seed1" / "test.json").read_text())
+    for key in ("rougeL", "exact_match", "ece", "top1_agreement", "kl_to_teacher", "lm_eval/smoke_mc/acc"):
+        assert key in record["metrics"], key
+    assert record["costs"]["train_time_s"] > 0 and record["git_rev"] is not None
+
+
+@pytest.mark.slow
+def test_a_rerun_after_success_does_nothing(smoke_run):
+    _, overrides = smoke_run
+    out = snakemake("-n", "--configfile", "config/smoke.yaml", *overrides)
+    assert "Nothing to be done" in out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_report_is_an_html_file_with_the_plots(smoke_run):
+    tmp, overrides = smoke_run
+    snakemake("--configfile", "config/smoke.yaml", *overrides, "--report", str(tmp / "report.html"))
+    assert (tmp / "report.html").stat().st_size > 10_000
+
+
+def test_dry_run_plans_the_tiny_suite():
+    out = snakemake("-n", "--configfile", "config/tiny.yaml", "--config", "workdir=/tmp/distillbench-plan",
+                    "results=/tmp/distillbench-plan-results")
+    text = out.stdout + out.stderr
+    assert "distill" in text and "evaluate" in text and "publish" in text

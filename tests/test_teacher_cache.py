@@ -1,0 +1,94 @@
+"""The teacher cache: exact mode reproduces live-teacher training; sparse mode rebuilds a distribution."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from harness import objectives
+from harness.data import batching
+from harness.distill import TrainConfig, train
+from harness.models import build_tiny
+from harness.steps import live_teacher, reference_batches
+from harness.teacher_cache import TeacherCache, build_cache, cached_or_live
+
+
+class _Suite:  # the two fields reference_batches reads
+    def __init__(self, bs):
+        self.training = TrainConfig(per_device_train_batch_size=bs)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_data, tiny_tokenizer):
+    tok = tiny_tokenizer
+    examples = [batching.encode(tok, it, 40, 48) for it in tiny_data["train"]]
+    special = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    teacher = build_tiny({"arch": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2}, len(tok), 0, 64, special).eval()
+    return tok, examples, teacher, special
+
+
+def _student(tok, special):
+    return build_tiny({"arch": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2}, len(tok), 1, 64, special)
+
+
+def test_exact_cache_gives_the_same_losses_as_the_live_teacher(setup, one_thread):
+    tok, examples, teacher, special = setup
+    cache = build_cache(teacher, examples, tok.pad_token_id, mode="exact", dtype="float32", batch_size=16,
+                        progress=False)
+    assert cache.n_positions == sum(len(e["input_ids"]) - e["prompt_len"] for e in examples)  # response + eos
+    cfg = TrainConfig(max_steps=6, per_device_train_batch_size=8, log_every=1, learning_rate=1e-2)
+    batches = reference_batches(_Suite(8), examples, tok.pad_token_id, seed=3)
+    curves = []
+    for teacher_fn in (live_teacher(teacher), cached_or_live(cache, None)):
+        result = train(_student(tok, special), batches, cfg, seed=3, objective=objectives.get("srkl"),
+                       teacher_logits=teacher_fn, progress=False)
+        curves.append([loss for _, loss in result.curve])
+    assert curves[0] == pytest.approx(curves[1], rel=1e-5, abs=1e-6)
+
+
+def test_cache_rows_are_the_teachers_log_probs_at_counted_positions(setup):
+    tok, examples, teacher, _ = setup
+    cache = build_cache(teacher, examples[:10], tok.pad_token_id, mode="exact", dtype="float32", progress=False)
+    batch = batching.collate(examples[:10], tok.pad_token_id)
+    batch["example_ids"] = torch.arange(10)
+    with torch.no_grad():
+        live = torch.log_softmax(teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, -1)
+    mask = batch["loss_mask"] > 0
+    assert torch.allclose(cache.teacher_logits(batch)[mask], live[mask], atol=1e-6)
+
+
+def test_sparse_cache_keeps_top_k_and_the_remaining_mass(setup, tmp_path):
+    tok, examples, teacher, _ = setup
+    k = 8
+    cache = build_cache(teacher, examples[:10], tok.pad_token_id, mode="sparse", top_k=k, dtype="float32",
+                        progress=False)
+    assert cache.bytes_per_position() == k * 4 + k * 4 + 4
+    cache.save(tmp_path / "c.pt")
+    cache = TeacherCache.load(tmp_path / "c.pt")
+    rows = cache.rows(torch.arange(10))
+    assert torch.allclose(rows.exp().sum(-1), torch.ones(rows.shape[0]), atol=1e-5)  # a distribution again
+    exact = build_cache(teacher, examples[:10], tok.pad_token_id, mode="exact", dtype="float32", progress=False)
+    full = exact.rows(torch.arange(10))
+    top, idx = full.topk(k, -1)
+    assert torch.allclose(rows.gather(1, idx), top, atol=1e-6)  # the head is exact
+    tail = (1 - top.exp().sum(-1)) / (len(tok) - k)
+    outside = torch.ones_like(rows, dtype=torch.bool).scatter(1, idx, False)
+    assert torch.allclose(rows.exp()[outside].view(rows.shape[0], -1), tail[:, None].expand(-1, len(tok) - k),
+                          rtol=1e-4)  # the tail is flat, with the right mass
+    # every divergence is defined on the rebuilt distribution, and fkl to the exact teacher is small
+    student = torch.randn_like(full)
+    for name in ("fkl", "rkl", "jsd", "tvd", "skl", "srkl", "akl"):
+        assert math.isfinite(float(objectives.get(name)(student, rows)))
+
+
+def test_a_batch_of_student_samples_needs_the_live_teacher(setup):
+    tok, examples, teacher, _ = setup
+    cache = build_cache(teacher, examples[:4], tok.pad_token_id, progress=False)
+    batch = batching.collate(examples[:4], tok.pad_token_id)
+    batch["source"] = "generated"
+    with pytest.raises(RuntimeError, match="live teacher"):
+        cached_or_live(cache, None)(batch)
+    out = cached_or_live(cache, live_teacher(teacher))(batch)
+    assert out.shape[:2] == batch["input_ids"].shape
