@@ -48,7 +48,7 @@ SETS = [s["name"] for s in SUITE.evaluation["sets"]]
 W, R = SUITE.workdir, SUITE.results
 CLI = f"distillbench --no-progress"
 ARGS = f"--config {SUITE_FILE} --threads {SUITE.threads_per_job}"
-GPU = 1 if SUITE.device.startswith("cuda") else 0
+GPU = 0 if SUITE.device == "cpu" else 1  # one GPU per job; constrain with --resources gpu=N
 RESOURCES = dict(config.get("resources") or {})
 
 wildcard_constraints:

@@ -68,7 +68,11 @@ def train_items(suite: Suite) -> list[dict]:
 def _encoded_train(suite_path: str, tokenizer_dir: str, max_prompt: int, max_length: int,
                    data_file: str) -> list[dict]:
     tokenizer = load_tokenizer(tokenizer_dir)
-    return [batching.encode(tokenizer, item, max_prompt, max_length) for item in load_jsonl(data_file, name="train")]
+    items, dropped = filter_long_prompts(load_jsonl(data_file, name="train"), tokenizer, max_prompt)
+    if dropped:  # MiniLLM's filter: training prompts longer than the prompt budget are dropped, not cut
+        log.info("dropped %d of %d training items whose prompt exceeds %d tokens", dropped, dropped + len(items),
+                 max_prompt)
+    return [batching.encode(tokenizer, item, max_prompt, max_length) for item in items]
 
 
 def encoded_train(suite: Suite) -> list[dict]:
@@ -136,23 +140,36 @@ def _max_positions(suite: Suite) -> int:
     return max(suite.training.max_length, suite.evaluation["max_length"])
 
 
+def _is_existing(entry: dict) -> bool:
+    return bool(entry["path"] or entry["hub"] or not entry["arch"])
+
+
+def _sft(model, suite: Suite, tok, pretrain: dict, seed: int, name: str, progress: bool):
+    """Supervised fine-tuning on the suite's training data with the same loop (objective ``ce``)."""
+    device = resolve_device(suite.device)
+    cfg = TrainConfig(**{**suite.training.__dict__, **pretrain, "device": device, "chunk_size": None,
+                         "checkpoint_every": 0})
+    examples = encoded_train(suite)
+    result = train(model, reference_batches(suite, examples, tok.pad_token_id, seed=seed), cfg, seed=seed,
+                   objective=get_objective("ce"), name=name, progress=progress)
+    return result, cfg
+
+
 def prepare_teacher(suite: Suite, progress: bool = True) -> Path:
-    """Pre-train the tiny teacher with the same loop (objective ``ce``), or point to an existing one."""
+    """The suite's teacher: a tiny model pre-trained here, an existing model fine-tuned here (``pretrain``,
+    MiniLLM's SFT teacher), or an existing model used as it is (a pointer, nothing copied)."""
     out = suite.teacher_dir
     marker = out / "teacher.json"
     tok = load_tokenizer(suite.tokenizer_dir)
-    if not suite.teacher["arch"] or suite.teacher["path"] or suite.teacher["hub"]:
-        source = _model_source(suite.teacher, out)
-        write_json_atomic(marker, {"source": source, "trained_here": False})
+    entry = suite.teacher
+    if _is_existing(entry) and not entry["pretrain"]:
+        write_json_atomic(marker, {"source": _model_source(entry, out), "trained_here": False})
         return marker
-    device = resolve_device(suite.device)
-    model = build_tiny(suite.teacher, len(tok), seed=0, max_positions=_max_positions(suite),
-                       special_ids=_special_ids(tok))
-    pre = dict(suite.teacher["pretrain"] or {})
-    cfg = TrainConfig(**{**suite.training.__dict__, **pre, "device": device, "chunk_size": None})
-    examples = encoded_train(suite)
-    result = train(model, reference_batches(suite, examples, tok.pad_token_id, seed=0), cfg, seed=0,
-                   objective=get_objective("ce"), name="teacher", progress=progress)
+    if _is_existing(entry):
+        model = load_model(_model_source(entry, out), device=resolve_device(suite.device), dtype="float32")
+    else:
+        model = build_tiny(entry, len(tok), seed=0, max_positions=_max_positions(suite), special_ids=_special_ids(tok))
+    result, cfg = _sft(model, suite, tok, dict(entry["pretrain"] or {}), 0, "teacher", progress)
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
     write_json_atomic(marker, {"source": str(out), "trained_here": True, "costs": result.costs(),
@@ -164,15 +181,19 @@ def teacher_source(suite: Suite) -> str:
     return read_json(suite.teacher_dir / "teacher.json")["source"]
 
 
-def init_student(suite: Suite, seed: int) -> Path:
-    """The initial student of a training seed: the same for every recipe."""
+def init_student(suite: Suite, seed: int, progress: bool = True) -> Path:
+    """The initial student of a training seed, the same for every recipe: a tiny model initialised with the
+    seed, or an existing model, optionally fine-tuned first (``pretrain``: MiniLLM's / DistiLLM's SFT init)."""
     out = suite.student_init_dir(seed)
     tok = load_tokenizer(suite.tokenizer_dir)
-    if not suite.student["arch"] or suite.student["path"] or suite.student["hub"]:
-        model = load_model(_model_source(suite.student, out), device="cpu", dtype="float32")
+    entry = suite.student
+    if _is_existing(entry):
+        model = load_model(_model_source(entry, out), device=resolve_device(suite.device), dtype="float32")
     else:
-        model = build_tiny(suite.student, len(tok), seed=seed, max_positions=_max_positions(suite),
+        model = build_tiny(entry, len(tok), seed=seed, max_positions=_max_positions(suite),
                            special_ids=_special_ids(tok))
+    if entry["pretrain"]:
+        _sft(model, suite, tok, dict(entry["pretrain"]), seed, f"student-init/seed{seed}", progress)
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
     return out
@@ -319,7 +340,9 @@ def lm_eval_tasks(suite: Suite, sets: dict[str, list[dict]]) -> tuple[dict, dict
             items = [it for it in items if "choices" in it and "label" in it]
         path = write_jsonl_atomic(out_dir / f"{entry['name']}.jsonl", items)
         tasks.setdefault(entry["set"], {})[entry["name"]] = {"path": str(path), "kind": entry["kind"]}
-    kwargs = {"limit": spec.get("limit"), "standard_tasks": tuple(spec.get("standard", ()))}
+    kwargs = {"limit": spec.get("limit"), "standard_tasks": tuple(spec.get("standard") or ())}
+    if kwargs["standard_tasks"] and sets:  # standard tasks (Hub data) run once, reported with the first set
+        tasks.setdefault(next(iter(sets)), {})
     return tasks, kwargs
 
 
@@ -375,8 +398,8 @@ def evaluate(suite: Suite, target: str, seed: int, progress: bool = True) -> lis
     )
     eval_s = time.perf_counter() - t0
     for name, metrics in results.items():
-        costs = {**run.get("costs", {}), **{k: metrics.pop(k) for k in TIMING_KEYS if k in metrics},
-                 "eval_total_s": round(eval_s, 3)}
+        eval_timings = {k if k.startswith("eval_") else f"eval_{k}": metrics.pop(k) for k in TIMING_KEYS if k in metrics}
+        costs = {**run.get("costs", {}), **eval_timings, "eval_total_s": round(eval_s, 3)}
         details = {k: metrics.pop(k) for k in list(metrics) if k in DETAIL_KEYS or k.endswith("/acc_norm")}
         paths.append(write_json_atomic(record_path(suite, target, seed, name), {
             **base, "eval_set": name, "status": "ok", "error": None, "metrics": metrics, "costs": costs,

@@ -157,7 +157,7 @@ def evaluate_model(
             metrics["model_metrics_s"] = time.perf_counter() - t0
 
         # --- lm-eval tasks run for this set
-        if lm_eval_tasks.get(set_name):
+        if set_name in lm_eval_tasks and (lm_eval_tasks[set_name] or lm_kwargs.get("standard_tasks")):
             t0 = time.perf_counter()
             metrics.update(run_lm_eval(model, tokenizer, lm_eval_tasks[set_name], **lm_kwargs))
             metrics["lm_eval_s"] = time.perf_counter() - t0

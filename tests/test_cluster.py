@@ -1,0 +1,22 @@
+"""Cluster fan-out: the SLURM profile plans the paper-scale suite (dry run, no cluster needed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+
+import pytest
+
+from tests.test_pipeline import snakemake
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("snakemake_executor_plugin_slurm") is None,
+                                reason="snakemake-executor-plugin-slurm not installed")
+
+
+def test_slurm_profile_dry_run_plans_the_paper_suite():
+    out = snakemake("-n", "--profile", "profiles/slurm", "--configfile", "config/instruct.yaml",
+                    "--config", "workdir=/tmp/distillbench-slurm-plan", "results=/tmp/distillbench-slurm-plan-r")
+    text = out.stdout + out.stderr
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", text, flags=re.M))
+    assert counts["distill"] == str(12 * 3)  # 12 recipes x 3 seeds
+    assert counts["evaluate"] == str(12 * 3 + 1 + 3)  # + teacher + untrained student per seed
