@@ -53,6 +53,7 @@ RESOURCES = dict(config.get("resources") or {})
 
 wildcard_constraints:
     recipe="|".join(RECIPES) or "none",
+    target="|".join([*RECIPES, "init"]),
     seed=r"\d+",
 
 
@@ -133,22 +134,33 @@ rule distill:
 
 
 def evaluate_inputs(wildcards):
-    if wildcards.target == "teacher":
-        return [W / "teacher" / "teacher.json"]
-    if wildcards.target == "init":
-        return [W / "student_init" / f"seed{wildcards.seed}" / "config.json", W / "teacher" / "teacher.json"]
-    return [W / "runs" / wildcards.target / f"seed{wildcards.seed}" / "run.json", W / "teacher" / "teacher.json"]
+    """One evaluate job per target covers all its seeds: the teacher and the data are loaded once."""
+    t = wildcards.target
+    if t == "init":
+        return [W / "student_init" / f"seed{s}" / "config.json" for s in SEEDS] + [W / "teacher" / "teacher.json"]
+    return [W / "runs" / t / f"seed{s}" / "run.json" for s in SEEDS] + [W / "teacher" / "teacher.json"]
 
 
 rule evaluate:
     input: evaluate_inputs
-    output: [W / "records" / "{target}" / "seed{seed}" / f"{s}.json" for s in SETS]
+    output: [W / "records" / "{target}" / f"seed{s}" / f"{x}.json" for s in SEEDS for x in SETS]
+    params: h=H_EVAL, seeds=" ".join(f"--seed {s}" for s in SEEDS)
+    threads: SUITE.threads_per_job
+    resources: gpu=GPU, **RESOURCES.get("evaluate", {})
+    log: W / "logs" / "evaluate_{target}.log"
+    benchmark: W / "benchmarks" / "evaluate_{target}.tsv"
+    shell: "{CLI} evaluate {ARGS} --target {wildcards.target} {params.seeds} > {log} 2>&1"
+
+
+rule evaluate_teacher:
+    input: W / "teacher" / "teacher.json"
+    output: [W / "records" / "teacher" / "seed0" / f"{x}.json" for x in SETS]
     params: h=H_EVAL
     threads: SUITE.threads_per_job
     resources: gpu=GPU, **RESOURCES.get("evaluate", {})
-    log: W / "logs" / "evaluate_{target}_{seed}.log"
-    benchmark: W / "benchmarks" / "evaluate_{target}_{seed}.tsv"
-    shell: "{CLI} evaluate {ARGS} --target {wildcards.target} --seed {wildcards.seed} > {log} 2>&1"
+    log: W / "logs" / "evaluate_teacher.log"
+    benchmark: W / "benchmarks" / "evaluate_teacher.tsv"
+    shell: "{CLI} evaluate {ARGS} --target teacher --seed 0 > {log} 2>&1"
 
 
 rule publish:

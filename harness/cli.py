@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
         (("--recipe",), {"required": True}), (("--seed",), {"type": int, "required": True}))
     cmd("evaluate", "evaluate a trained student, the teacher or the untrained student",
         (("--target",), {"required": True, "help": "a recipe name, 'teacher' or 'init'"}),
-        (("--seed",), {"type": int, "default": 0}))
+        (("--seed",), {"type": int, "action": "append", "help": "training seed(s); repeat for several (default 0)"}))
     cmd("publish", "aggregate records into leaderboards and plots")
     sp = sub.add_parser("objectives", help="list the registered objectives")
     sp.add_argument("--config", default=None)
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> None:
         validate_plan(suite, check_data=False)
         steps.distill(suite, suite.recipes()[args.recipe], args.seed, progress=progress)
     elif args.command == "evaluate":
-        steps.evaluate(suite, args.target, args.seed, progress=progress)
+        steps.evaluate(suite, args.target, args.seed or [0], progress=progress)
     elif args.command == "publish":
         steps.publish(suite)
 
@@ -107,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    if args.no_progress:  # also the Hugging Face bars (loading/saving weights), so an error stays one line
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
     from .models import ModelError
     from .objectives import ObjectiveError
 
@@ -115,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     except (*USER_ERRORS, ModelError, ObjectiveError) as exc:
         if args.debug:
             raise
-        print(f"distillbench {args.command}: error: {exc}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # one line
+        print(f"distillbench {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0
 

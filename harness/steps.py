@@ -361,49 +361,52 @@ def record_path(suite: Suite, target: str, seed: int, eval_set: str) -> Path:
     return suite.records_dir / target / f"seed{seed}" / f"{eval_set}.json"
 
 
-def evaluate(suite: Suite, target: str, seed: int, progress: bool = True) -> list[Path]:
+def evaluate(suite: Suite, target: str, seeds: int | list[int], progress: bool = True) -> list[Path]:
     """Evaluate a student (``target`` = recipe name), the teacher or the untrained student (``init``).
 
-    Writes one record per evaluation set (see harness.report.records for the schema); a failed training
-    run gives failed records, never numbers.
+    ``seeds``: the training seeds to evaluate in this process (the teacher, tokenizer and evaluation data are
+    loaded once for all of them). Writes one record per (seed, evaluation set) — see
+    harness.report.records for the schema; a failed training run gives failed records, never numbers.
     """
     from .evaluation.evaluate_run import evaluate_model
 
     device = resolve_device(suite.device)
-    source, role, run = _target_model_dir(suite, target, seed)
     sets = eval_sets(suite)
-    base = {"suite": suite.name, "recipe": target, "seed": seed, "role": role, "git_rev": git_revision(),
-            "versions": versions(), "device": device, "machine": machine(device),
-            "config": {"suite": suite.raw, "recipe": run.get("recipe_config")}}
-    paths = []
-    if run.get("status") == "failed":
-        for name in sets:
-            paths.append(write_json_atomic(record_path(suite, target, seed, name), {
-                **base, "eval_set": name, "status": "failed", "error": run.get("error"), "metrics": {},
-                "costs": run.get("costs", {})}))
-        return paths
     tok = load_tokenizer(suite.tokenizer_dir)
-    model = load_model(source, device=device)
-    teacher = None if role == "teacher" else load_model(teacher_source(suite), device=device)
     ev = suite.evaluation
     gen_cfg = {k: ev[k] for k in ("do_sample", "temperature", "top_p", "top_k", "no_repeat_ngram_size",
                                   "max_prompt_tokens", "max_length", "max_new_tokens", "batch_size")}
     tasks, lm_kwargs = lm_eval_tasks(suite, sets)
-    t0 = time.perf_counter()
-    results = evaluate_model(
-        model, tok, sets, teacher=teacher,
-        batches_for_model_metrics={name: held_out_batches(suite, tok, items) for name, items in sets.items()},
-        gen_cfg={**gen_cfg, "progress": progress}, eval_seeds=ev["seeds"],
-        n_coverage_samples=ev["coverage_samples"] or None, lm_eval_tasks=tasks, lm_eval_kwargs=lm_kwargs,
-    )
-    eval_s = time.perf_counter() - t0
-    for name, metrics in results.items():
-        eval_timings = {k if k.startswith("eval_") else f"eval_{k}": metrics.pop(k) for k in TIMING_KEYS if k in metrics}
-        costs = {**run.get("costs", {}), **eval_timings, "eval_total_s": round(eval_s, 3)}
-        details = {k: metrics.pop(k) for k in list(metrics) if k in DETAIL_KEYS or k.endswith("/acc_norm")}
-        paths.append(write_json_atomic(record_path(suite, target, seed, name), {
-            **base, "eval_set": name, "status": "ok", "error": None, "metrics": metrics, "costs": costs,
-            "details": details}))
+    held_out = {name: held_out_batches(suite, tok, items) for name, items in sets.items()}
+    teacher = None if target == "teacher" else load_model(teacher_source(suite), device=device)
+    paths = []
+    for seed in [seeds] if isinstance(seeds, int) else seeds:
+        source, role, run = _target_model_dir(suite, target, seed)
+        base = {"suite": suite.name, "recipe": target, "seed": seed, "role": role, "git_rev": git_revision(),
+                "versions": versions(), "device": device, "machine": machine(device),
+                "config": {"suite": suite.raw, "recipe": run.get("recipe_config")}}
+        if run.get("status") == "failed":
+            for name in sets:
+                paths.append(write_json_atomic(record_path(suite, target, seed, name), {
+                    **base, "eval_set": name, "status": "failed", "error": run.get("error"), "metrics": {},
+                    "costs": run.get("costs", {})}))
+            continue
+        model = load_model(source, device=device)
+        t0 = time.perf_counter()
+        results = evaluate_model(
+            model, tok, sets, teacher=teacher, batches_for_model_metrics=held_out,
+            gen_cfg={**gen_cfg, "progress": progress}, eval_seeds=ev["seeds"],
+            n_coverage_samples=ev["coverage_samples"] or None, lm_eval_tasks=tasks, lm_eval_kwargs=lm_kwargs,
+        )
+        eval_s = time.perf_counter() - t0
+        for name, metrics in results.items():
+            eval_timings = {k if k.startswith("eval_") else f"eval_{k}": metrics.pop(k)
+                            for k in TIMING_KEYS if k in metrics}
+            costs = {**run.get("costs", {}), **eval_timings, "eval_total_s": round(eval_s, 3)}
+            details = {k: metrics.pop(k) for k in list(metrics) if k in DETAIL_KEYS or k.endswith("/acc_norm")}
+            paths.append(write_json_atomic(record_path(suite, target, seed, name), {
+                **base, "eval_set": name, "status": "ok", "error": None, "metrics": metrics, "costs": costs,
+                "details": details}))
     return paths
 
 

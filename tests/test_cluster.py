@@ -19,4 +19,5 @@ def test_slurm_profile_dry_run_plans_the_paper_suite():
     text = out.stdout + out.stderr
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", text, flags=re.M))
     assert counts["distill"] == str(12 * 3)  # 12 recipes x 3 seeds
-    assert counts["evaluate"] == str(12 * 3 + 1 + 3)  # + teacher + untrained student per seed
+    assert counts["evaluate"] == str(12 + 1)  # one job per recipe (all seeds) + the untrained student
+    assert counts["evaluate_teacher"] == "1"

@@ -32,8 +32,10 @@ REDUCTIONS = ("mean", "sum", "per_sequence_mean", "none")
 def log_probs(logits: Tensor, temperature: float) -> Tensor:
     """``log_softmax(logits / τ)`` in float32 (float64 kept), with ``-inf`` clamped to the finite minimum."""
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    out = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
-    return out.clamp_min(torch.finfo(dtype).min)
+    x = logits.to(dtype)
+    out = torch.log_softmax(x / temperature if temperature != 1.0 else x, dim=-1)
+    # Only padded vocabularies hold -inf; skip the extra copy otherwise.
+    return out.clamp_min(torch.finfo(dtype).min) if torch.isinf(out).any() else out
 
 
 def position_weights(mask: Tensor, reduction: str, normalizer: float | None) -> Tensor:
@@ -96,7 +98,9 @@ class _ChunkedWeightedLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        return (grad * grad_out.to(grad.dtype)), None, None, None, None, None, None, None, None
+        if not (grad_out.numel() == 1 and float(grad_out) == 1.0):  # the usual case needs no second buffer
+            grad = grad * grad_out.to(grad.dtype)
+        return grad, None, None, None, None, None, None, None, None
 
 
 def reduce_per_position(
@@ -123,6 +127,8 @@ def reduce_per_position(
         if index.numel():
             ell = per_position_loss(fn, student[index], teacher[index], temperature, params)
             out = out.index_put((index,), ell.to(out.dtype))
+        else:  # still attached to the graph: backward gives a zero gradient
+            out = out + student[:0].sum().to(out.dtype)
         return out.reshape(mask.shape)
 
     weights = position_weights(mask, reduction, normalizer).to(student.device)[index]
