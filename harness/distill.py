@@ -188,6 +188,8 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
+        if state.get("batch_source") is not None and hasattr(next_batch, "load_state_dict"):
+            next_batch.load_state_dict(state["batch_source"])  # a mode's counts, buffer and threshold
         result = state["result"]
         result.timings = defaultdict(float, result.timings)
         result.resumed_from = result.steps
@@ -196,12 +198,14 @@ def train(
     def checkpoint():
         if state_path is not None:
             save_state(state_path, model=student.state_dict(), optimizer=optimizer.state_dict(),
-                       scheduler=scheduler.state_dict(), rng=_rng_state(), result=result)
+                       scheduler=scheduler.state_dict(), rng=_rng_state(), result=result,
+                       batch_source=next_batch.state_dict() if hasattr(next_batch, "state_dict") else None)
 
     bar = tqdm(total=cfg.max_steps, initial=result.steps, desc=name, disable=not progress, dynamic_ncols=True)
     t_start = time.perf_counter() - result.timings["train_time_s"]
     timings = result.timings
     accum = cfg.gradient_accumulation_steps
+    aligned_logged = False
     for step in range(result.steps, cfg.max_steps):
         micro = [next_batch(step * accum + k) for k in range(accum)]
         micro = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in micro]
@@ -221,6 +225,11 @@ def train(
                     loss = ce(s_logits, None, mask, labels=batch["labels"], normalizer=norm, chunk_size=chunk)
                 else:
                     s_al, t_al = align_vocab(s_logits, t_logits) if t_logits is not None else (s_logits, None)
+                    if t_logits is not None and s_logits.shape[-1] != t_logits.shape[-1] and not aligned_logged:
+                        aligned_logged = True
+                        log.info("%s: aligned vocabularies: student %d vs teacher %d logit columns; the %d padded "
+                                 "columns are masked as -inf on both sides", name, s_logits.shape[-1],
+                                 t_logits.shape[-1], abs(s_logits.shape[-1] - t_logits.shape[-1]))
                     loss = kd_weight * objective(s_al, t_al, mask, temperature=temperature, chunk_size=chunk,
                                                  **({} if objective.spec.kind == "batch" else {"normalizer": norm}))
                     if objective.spec.kind == "batch":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .data.errors import DataError
 from .data.instruct import load_eval_set
 from .recipes import discover
 from .schema import ConfigError
@@ -18,6 +19,15 @@ def _check_model_source(suite: Suite, role: str) -> None:
     if entry["path"] and not Path(entry["path"]).is_dir():
         raise ConfigError(f"{suite.path}: key '{role}.path': directory {entry['path']!r} not found "
                           "(give a saved model directory, or 'hub:' with a network)")
+
+
+def _count_items(suite: Suite, spec: dict, key: str) -> int:
+    """Load one data set of the plan; a DataError keeps its file/line/field and also names the suite key."""
+    try:
+        return len(load_eval_set(spec))
+    except DataError as exc:
+        raise DataError(exc.source, f"{exc.problem} (data set of key {key!r} in {suite.path})", line=exc.line,
+                        field=exc.field, fix=exc.fix) from exc
 
 
 def validate_plan(suite: Suite, recipes_dir: str | None = None, check_data: bool = True) -> str:
@@ -34,13 +44,13 @@ def validate_plan(suite: Suite, recipes_dir: str | None = None, check_data: bool
             for split in ("train", "valid"):
                 spec = suite.data[split]
                 if spec is not None and spec.get("path"):
-                    n_items[split] = len(load_eval_set({"name": split, **spec}))
+                    n_items[split] = _count_items(suite, {"name": split, **spec}, f"data.{split}")
             if "train" not in n_items and not (suite.data["train"] or {}).get("hub"):
                 raise ConfigError(f"{suite.path}: key 'data.train' needs 'path' or 'hub' for kind 'instruct'")
-        for spec in suite.evaluation["sets"]:
+        for i, spec in enumerate(suite.evaluation["sets"]):
             path = spec.get("path")
             if path:
-                n_items[spec["name"]] = len(load_eval_set(spec))
+                n_items[spec["name"]] = _count_items(suite, spec, f"evaluation.sets[{i}]")
     runs = len(recipes) * len(suite.seeds)
     lines = [
         f"suite {suite.name!r} ({suite.path}): OK",
