@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from harness.parallel import launch_prefix
 from harness.suite import load_suite
 from harness.validate import validate_plan
 
@@ -50,6 +51,8 @@ CLI = f"distillbench --no-progress"
 ARGS = f"--config {SUITE_FILE} --threads {SUITE.threads_per_job}"
 GPU = 0 if SUITE.device == "cpu" else 1  # one GPU per job; constrain with --resources gpu=N
 RESOURCES = dict(config.get("resources") or {})
+# num_processes > 1: each distill run is started by `accelerate launch` (DDP; see harness/parallel.py)
+LAUNCH = launch_prefix(SUITE.num_processes, SUITE.device) + " --no-progress" if SUITE.num_processes > 1 else CLI
 
 wildcard_constraints:
     recipe="|".join(RECIPES) or "none",
@@ -125,12 +128,12 @@ rule distill:
         W / "student_init" / "seed{seed}" / "config.json",
         recipe=lambda wc: RECIPES[wc.recipe].path,
     output: W / "runs" / "{recipe}" / "seed{seed}" / "run.json"
-    params: h=H_DISTILL
-    threads: SUITE.threads_per_job
-    resources: gpu=GPU, **RESOURCES.get("distill", {})
+    threads: SUITE.threads_per_job * SUITE.num_processes
+    resources: gpu=GPU * SUITE.num_processes, **RESOURCES.get("distill", {})
     log: W / "logs" / "distill_{recipe}_{seed}.log"
     benchmark: W / "benchmarks" / "distill_{recipe}_{seed}.tsv"
-    shell: "{CLI} distill {ARGS} --recipe {wildcards.recipe} --seed {wildcards.seed} > {log} 2>&1"
+    params: h=H_DISTILL, launch=LAUNCH
+    shell: "{params.launch} distill {ARGS} --recipe {wildcards.recipe} --seed {wildcards.seed} > {log} 2>&1"
 
 
 def evaluate_inputs(wildcards):

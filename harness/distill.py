@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from . import objectives
 from .data.batching import epoch_order
 from .models import align_vocab
+from .parallel import world as parallel_world
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,7 @@ def train(
     chunk = cfg.chunk_size
 
     seed_everything(seed)
+    group = parallel_world(device)  # one process unless started by `accelerate launch`
     student.to(device).train()
     decay = [p for n, p in student.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in student.named_parameters() if p.dim() < 2]
@@ -196,20 +198,23 @@ def train(
         log.info("%s: resumed from step %d (%s)", name, result.steps, state_path)
 
     def checkpoint():
-        if state_path is not None:
+        if state_path is not None and group.is_main:
             save_state(state_path, model=student.state_dict(), optimizer=optimizer.state_dict(),
                        scheduler=scheduler.state_dict(), rng=_rng_state(), result=result,
                        batch_source=next_batch.state_dict() if hasattr(next_batch, "state_dict") else None)
 
-    bar = tqdm(total=cfg.max_steps, initial=result.steps, desc=name, disable=not progress, dynamic_ncols=True)
+    model = group.wrap(student)  # DDP (or FSDP / DeepSpeed per the accelerate config) when distributed
+    bar = tqdm(total=cfg.max_steps, initial=result.steps, desc=name, disable=not (progress and group.is_main),
+               dynamic_ncols=True)
     t_start = time.perf_counter() - result.timings["train_time_s"]
     timings = result.timings
     accum = cfg.gradient_accumulation_steps
     aligned_logged = False
     for step in range(result.steps, cfg.max_steps):
-        micro = [next_batch(step * accum + k) for k in range(accum)]
+        # rank r of N takes every N-th micro-batch of the one global order: N processes see what one would
+        micro = [next_batch((step * accum + k) * group.size + group.rank) for k in range(accum)]
         micro = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in micro]
-        n_tokens = sum(float(b["loss_mask"].sum()) for b in micro)
+        n_tokens = group.sum(sum(float(b["loss_mask"].sum()) for b in micro), device)  # global token count
         step_loss = 0.0
         for batch in micro:
             mask = batch["loss_mask"]
@@ -218,9 +223,9 @@ def train(
                 with timed(timings, "teacher_forward_s", device), torch.no_grad():
                     t_logits = teacher_logits(batch)
             with timed(timings, "student_forward_s", device):
-                s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                s_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             with timed(timings, "loss_s", device):
-                norm = max(n_tokens, 1.0)
+                norm = max(n_tokens, 1.0) / group.size  # DDP averages gradients over the N processes
                 if is_ce:
                     loss = ce(s_logits, None, mask, labels=batch["labels"], normalizer=norm, chunk_size=chunk)
                 else:
@@ -245,7 +250,7 @@ def train(
             with timed(timings, "student_backward_s", device):
                 loss.backward()
             step_loss += float(loss)
-            result.samples += int(batch["input_ids"].shape[0])
+            result.samples += int(batch["input_ids"].shape[0]) * group.size
         with timed(timings, "optimizer_s", device):
             grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
             if not torch.isfinite(grad_norm):
@@ -260,6 +265,7 @@ def train(
         result.tokens += int(n_tokens)
         timings["train_time_s"] = time.perf_counter() - t_start
         if result.steps % cfg.log_every == 0 or result.steps == cfg.max_steps:
+            step_loss = group.sum(step_loss, device) / group.size  # the global token mean
             result.curve.append((result.steps, round(step_loss, 6)))
             bar.set_postfix(loss=f"{step_loss:.4f}")
         bar.update(1)
@@ -269,6 +275,7 @@ def train(
             checkpoint()
     bar.close()
     timings["train_time_s"] = time.perf_counter() - t_start
+    group.barrier()
     student.eval()
     return result
 

@@ -1,7 +1,8 @@
 """Data parallelism on an existing engine: ``accelerate launch`` (DDP by default; FSDP / DeepSpeed ZeRO
 through an accelerate config file).
 
-A distill run started by ``accelerate launch --num_processes N -m harness.cli distill ...`` sees
+A distill run started by ``accelerate launch --multi_gpu --num_processes N -m harness.cli distill ...`` (GPUs)
+or ``torchrun --standalone --nproc_per_node N -m harness.cli distill ...`` (CPUs, gloo) sees
 ``WORLD_SIZE = N`` in its environment. Then:
 
 - the student is wrapped by :class:`accelerate.Accelerator` (``prepare_model``: DDP, or FSDP/DeepSpeed if
@@ -66,9 +67,17 @@ def world(device: str = "cpu") -> World:
 
 
 def launch_prefix(num_processes: int, device: str) -> str:
-    """The ``accelerate launch`` prefix the Snakefile puts before a distill command (empty for one process)."""
+    """The launcher the Snakefile puts before ``distill`` when a suite asks for several processes.
+
+    GPUs: ``accelerate launch --multi_gpu`` (DDP; FSDP or DeepSpeed ZeRO when the accelerate config file
+    — ``accelerate config``, or ``--config_file`` in ``$ACCELERATE_LAUNCH_ARGS`` — says so). CPUs: accelerate's
+    own multi-CPU launcher needs MPI, so ``torchrun --standalone`` starts the processes and the
+    :class:`accelerate.Accelerator` inside joins them with gloo.
+    """
     if num_processes <= 1:
         return ""
-    cpu = " --cpu" if device == "cpu" else ""
-    return (f"accelerate launch --num_processes {num_processes} --num_machines 1 --mixed_precision no "
-            f"--dynamo_backend no{cpu} -m harness.cli")
+    if device == "cpu":
+        return f"torchrun --standalone --nproc_per_node {num_processes} -m harness.cli"
+    extra = os.environ.get("ACCELERATE_LAUNCH_ARGS", "")
+    return (f"accelerate launch --multi_gpu --num_processes {num_processes} --num_machines 1 {extra} "
+            "-m harness.cli").replace("  ", " ")

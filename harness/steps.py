@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import subprocess
 import time
@@ -291,12 +292,15 @@ def distill(suite: Suite, recipe: Recipe, seed: int, progress: bool = True) -> P
         log.error("%s", exc)
         write_json_atomic(out / "run.json", {**common, "status": "failed", "error": str(exc)})
         return out
+    if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch`, one writer: the main process
+        return out
     student.save_pretrained(str(out / "model"))
     tok.save_pretrained(str(out / "model"))
     write_json_atomic(out / "run.json", {
         **common, "status": "ok", "curve": result.curve, "mode_stats": source.stats,
         "costs": {**result.costs(), **{k: round(v, 4) for k, v in source.timings.items()}},
         "resumed_from_step": result.resumed_from, "wall_s": round(time.perf_counter() - t0, 3),
+        "num_processes": int(os.environ.get("WORLD_SIZE", "1")),
     })
     (out / "state.pt").unlink(missing_ok=True)
     return out
