@@ -7,7 +7,6 @@ Each step reads the suite and the files of earlier steps and writes its own file
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform

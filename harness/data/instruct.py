@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -260,26 +259,7 @@ def filter_long_prompts(items: Iterable[dict], tokenizer, max_prompt_tokens: int
 
 
 def write_jsonl_atomic(path: str | os.PathLike, items: Iterable[dict]) -> Path:
-    """Write ``items`` as JSON lines (UTF-8, key order kept) via a temp file + ``os.replace``.
+    """Write ``items`` as JSON lines (UTF-8, key order kept), atomically (see :mod:`harness.io`)."""
+    from ..io import write_text_atomic
 
-    Readers never see a half-written file; on error the temp file is removed and the old file
-    (if any) is untouched. Returns the path.
-    """
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            for it in items:
-                fh.write(json.dumps(it, ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return p
+    return Path(write_text_atomic(path, "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items)))
