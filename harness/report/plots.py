@@ -148,10 +148,10 @@ def scores_figure(
         raise NothingToPlot(f"no successful student run reports {primary_metric!r}")
     if not order:  # no complete seed anywhere: still show per-set points
         order = sorted(set(per_set_any.loc[np.isfinite(per_set_any["mean"]), "recipe"]))
-    groups = [*sets, AVG]
+    groups = [*sets, AVG] if len(sets) > 1 else list(sets)  # one set: its average is the same point
     palette = sns.color_palette("colorblind", len(sets))
     colors = {s: palette[i] for i, s in enumerate(sets)} | {AVG: (0.1, 0.1, 0.1)}
-    width = 0.7
+    width = min(0.6, 0.2 * len(groups))
     offsets = np.linspace(-width / 2, width / 2, len(groups)) if len(groups) > 1 else np.zeros(1)
     label = metric_label(primary_metric, higher_is_better)
     with _style():
@@ -169,7 +169,7 @@ def scores_figure(
             )
         _reference_lines(ax, _avg_scores(summary, primary_metric), roles)
         ax.set_xticks(np.arange(len(order)))
-        ax.set_xticklabels(order, rotation=30, ha="right")
+        ax.set_xticklabels(order, rotation=30, ha="right", rotation_mode="anchor")
         ax.set_xlabel("Recipe (best first)")
         ax.set_ylabel(f"{label} (mean over seeds)")
         ax.set_title(
