@@ -36,6 +36,16 @@ def validate_plan(suite: Suite, recipes_dir: str | None = None, check_data: bool
     if suite.baseline not in recipes:
         raise ConfigError(f"{suite.path}: key 'baseline': no recipe named {suite.baseline!r}; "
                           f"known: {', '.join(sorted(recipes))}")
+    cache = suite.teacher_cache or {}
+    if cache.get("mode") == "sparse":
+        from .objectives import spec as objective_spec
+
+        for name, recipe in recipes.items():
+            if recipe.uses_teacher and not objective_spec(recipe.objective).sparse_ok:
+                raise ConfigError(
+                    f"{suite.path}: key 'teacher_cache.mode': recipe {name!r} ({recipe.path}) uses objective "
+                    f"{recipe.objective!r}, which is not defined on a sparse (top-k) teacher; use mode 'exact' "
+                    "or leave that recipe out")
     for role in ("teacher", "student"):
         _check_model_source(suite, role)
     n_items = {}

@@ -92,3 +92,23 @@ def test_a_batch_of_student_samples_needs_the_live_teacher(setup):
         cached_or_live(cache, None)(batch)
     out = cached_or_live(cache, live_teacher(teacher))(batch)
     assert out.shape[:2] == batch["input_ids"].shape
+
+
+def test_a_sparse_cache_refuses_objectives_that_need_the_whole_tail(tmp_path):
+    import yaml
+
+    from harness.schema import ConfigError
+    from harness.suite import load_suite
+    from harness.validate import validate_plan
+    from tests.conftest import REPO
+
+    cfg = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
+    cfg.update(recipes=["sft", "fkl", "akl"], recipes_dir=str(REPO / "recipes"), workdir=str(tmp_path / "w"),
+               teacher_cache={"mode": "sparse", "top_k": 8})
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match="'akl'.*not defined on a sparse"):
+        validate_plan(load_suite(path), check_data=False)
+    cfg["recipes"] = ["sft", "fkl"]
+    path.write_text(yaml.safe_dump(cfg))
+    validate_plan(load_suite(path), check_data=False)  # fkl is fine on a sparse cache

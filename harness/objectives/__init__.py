@@ -39,7 +39,10 @@ class ObjectiveSpec:
     name: str
     fn: Callable[..., Tensor] | None
     kind: Kind = "per_position"
-    #: whether the objective can be computed from a sparse (top-k) teacher; see harness.teacher_cache
+    #: whether the objective is defined on a sparse (top-k + flat tail) teacher cache: per-token divergences
+    #: whose value is a sum of per-token terms are; akl (its weight sums |p − q| over the whole vocabulary)
+    #: and sinkhorn (L1 costs between whole rows) depend on the tail's shape, which the sparse cache discards.
+    #: User objectives are assumed not to be. Checked by harness.validate for suites with a sparse cache.
     sparse_ok: bool = False
     defaults: dict[str, Any] = field(default_factory=dict)
     summary: str = ""
