@@ -24,7 +24,8 @@ import resource
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -99,6 +100,12 @@ def timed(timings: dict, phase: str, device: str):
     timings[phase] += time.perf_counter() - start
 
 
+@lru_cache(maxsize=2)
+def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """The epoch's permutation, computed once per epoch rather than once per micro-batch."""
+    return tuple(epoch_order(n, seed, epoch))
+
+
 def batch_order(n_examples: int, batch_size: int, data_seed: int, index: int) -> list[int]:
     """Example indices of the ``index``-th micro-batch: a pure function of (data_seed, index).
 
@@ -109,7 +116,7 @@ def batch_order(n_examples: int, batch_size: int, data_seed: int, index: int) ->
     out: list[int] = []
     while len(out) < batch_size:
         epoch, offset = divmod(start + len(out), n_examples)
-        out.extend(epoch_order(n_examples, data_seed, epoch)[offset : offset + batch_size - len(out)])
+        out.extend(_epoch_order(n_examples, data_seed, epoch)[offset : offset + batch_size - len(out)])
     return out
 
 
@@ -279,6 +286,3 @@ def train(
     student.eval()
     return result
 
-
-def config_dict(cfg: TrainConfig) -> dict:
-    return asdict(cfg)

@@ -116,7 +116,3 @@ def align_vocab(student_logits: Tensor, teacher_logits: Tensor, n_tokens: int | 
     if student_logits.shape[-1] == teacher_logits.shape[-1] == n_tokens:
         return student_logits, teacher_logits
     return fix(student_logits), fix(teacher_logits)
-
-
-def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -65,7 +65,7 @@ def train_items(suite: Suite) -> list[dict]:
 
 
 @lru_cache(maxsize=4)
-def _encoded_train(suite_path: str, tokenizer_dir: str, max_prompt: int, max_length: int,
+def _encoded_train(tokenizer_dir: str, max_prompt: int, max_length: int,
                    data_file: str) -> list[dict]:
     tokenizer = load_tokenizer(tokenizer_dir)
     items, dropped = filter_long_prompts(load_jsonl(data_file, name="train"), tokenizer, max_prompt)
@@ -77,7 +77,7 @@ def _encoded_train(suite_path: str, tokenizer_dir: str, max_prompt: int, max_len
 
 def encoded_train(suite: Suite) -> list[dict]:
     cfg = suite.training
-    return _encoded_train(suite.path, str(suite.tokenizer_dir), cfg.max_prompt_tokens, cfg.max_length,
+    return _encoded_train(str(suite.tokenizer_dir), cfg.max_prompt_tokens, cfg.max_length,
                           str(suite.data_path("train")))
 
 

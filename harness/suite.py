@@ -19,10 +19,10 @@ from .distill import TrainConfig
 from .recipes import Recipe, discover
 from .schema import ConfigError, Field, check, read_yaml
 
+#: the suite's ``training:`` keys are TrainConfig's fields (the device comes from the suite's ``device``)
 TRAIN_FIELDS = {
-    name: Field((int, type(None)) if name == "chunk_size" else (type(default),) if not isinstance(default, float)
-                else (float,), default)
-    for name, default in TrainConfig().__dict__.items()
+    name: Field((int, type(None)) if name == "chunk_size" else (type(default),), default)
+    for name, default in TrainConfig().__dict__.items() if name != "device"
 }
 
 MODEL_SCHEMA = {
