@@ -1,6 +1,9 @@
 # The two commands of the README, each doing its own set-up on a fresh machine:
-#   make reproduce   # set up, then run the default comparison (the tiny suite) with Snakemake
+#   make reproduce   # set up, run the default comparison (the tiny suite) with Snakemake, then compare its
+#                    # scores with the published ones (results/tiny): exit 1 if they differ
 #   make test        # set up, then run the test suite
+# and the deliberate one:
+#   make publish     # copy work/<suite>/leaderboard into results/<suite> and regenerate the README's table
 # TORCH_SPEC pins torch first, so pip takes the local CPU wheel where one exists instead of a multi-GB
 # CUDA build; on a GPU machine the same pin installs the CUDA build from PyPI.
 PYTHON ?= python3
@@ -10,7 +13,7 @@ SUITE ?= config/tiny.yaml
 CORES ?= all
 BIN := $(VENV)/bin
 
-.PHONY: setup reproduce test bench clean-work
+.PHONY: setup reproduce publish check test bench clean-work
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -24,10 +27,17 @@ $(VENV)/.installed: $(BIN)/activate pyproject.toml
 setup: $(VENV)/.installed
 
 reproduce: setup
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) --configfile $(SUITE)
+	$(BIN)/snakemake --cores $(CORES) --configfile $(SUITE)
+	$(BIN)/python -m harness.cli check --config $(SUITE)
+
+publish: setup
+	$(BIN)/python -m harness.cli publish --config $(SUITE)
+
+check: setup
+	$(BIN)/python -m harness.cli check --config $(SUITE)
 
 test: setup
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q
 
 bench: setup
 	$(BIN)/python -m harness.bench objectives

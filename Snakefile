@@ -1,58 +1,55 @@
 # DistillBench: the pipeline is the method section.
 #
-#   data → tokenizer → teacher → student init (per seed) → distill {recipe} × {seed} → evaluate → publish
+#   data → tokenizer → teacher → [teacher cache] → student init (per seed) → distill {recipe} × {seed}
+#        → evaluate → leaderboard (work/<suite>/leaderboard)
 #
-# Every rule runs one `distillbench` subcommand (harness/cli.py → harness/steps.py) and can be run by hand.
+# Every rule runs one `distillbench` subcommand (harness/cli.py → harness/steps.py) with the interpreter that runs
+# Snakemake, so no activated environment is needed, and can be run by hand.
 #   snakemake --cores all                                  # the tiny suite (config/tiny.yaml)
 #   snakemake --cores all --configfile config/smoke.yaml   # another suite
 #   snakemake -n                                           # the plan;   snakemake --report report.html
-import hashlib
+# A run writes only under work/<suite>/; `distillbench publish` copies its leaderboard into results/<suite>.
+import sys
 from pathlib import Path
 
 import yaml
 
+from harness.fingerprint import Fingerprints, digest, report_code_digest
+from harness.models import resolve_device
 from harness.parallel import launch_prefix
 from harness.suite import load_suite
-from harness.validate import validate_plan
+from harness.validate import plan_or_exit
+
+min_version("8.0")
 
 if not config:  # no --configfile: the embedded default suite
     config.update(yaml.safe_load(Path("config/tiny.yaml").read_text()))
+ORIGIN = str(workflow.configfiles[-1]) if workflow.configfiles else "config/tiny.yaml"
 
-# The resolved configuration (suite file + any --config overrides) is what every step reads; it is rewritten
-# only when it changes, and its hash is a parameter of every rule, so editing the suite re-runs what it affects.
-_name = config["suite"]
-SUITE_FILE = Path(config.get("workdir") or f"work/{_name}") / "suite.resolved.yaml"
-_text = yaml.safe_dump(dict(config), sort_keys=True)
-SUITE_FILE.parent.mkdir(parents=True, exist_ok=True)
-if not SUITE_FILE.exists() or SUITE_FILE.read_text() != _text:
-    SUITE_FILE.write_text(_text)
+# The resolved configuration (suite file + any --config overrides) is what every step reads. Its file name is
+# its content's hash, so a second invocation with another configuration never rewrites the file that running
+# jobs read; `origin` lets errors name the user's file.
+_resolved = {**dict(config), "origin": ORIGIN}
+_text = yaml.safe_dump(_resolved, sort_keys=True)
+SUITE_FILE = Path(config.get("workdir") or f"work/{config['suite']}") / "config" / f"suite-{digest(_resolved, 12)}.yaml"
+if not SUITE_FILE.exists():
+    SUITE_FILE.parent.mkdir(parents=True, exist_ok=True)
+    _tmp = SUITE_FILE.with_suffix(".tmp")
+    _tmp.write_text(_text)
+    _tmp.replace(SUITE_FILE)
 
-
-def config_hash(*sections):
-    """Hash of the config sections a rule depends on (a params change makes Snakemake re-run the rule)."""
-    picked = {k: config.get(k) for k in sections}
-    return hashlib.sha256(yaml.safe_dump(picked, sort_keys=True).encode()).hexdigest()[:12]
-
-
-H_DATA = config_hash("data")
-H_TOKENIZER = config_hash("data", "tokenizer")
-H_TEACHER = config_hash("data", "tokenizer", "teacher", "training")
-H_STUDENT = config_hash("tokenizer", "student")
-H_DISTILL = config_hash("data", "tokenizer", "teacher", "student", "training", "teacher_cache")
-H_EVAL = config_hash("data", "tokenizer", "teacher", "student", "training", "teacher_cache", "evaluation")
-
-SUITE = load_suite(SUITE_FILE)
-validate_plan(SUITE, check_data=True)  # a typo fails here, in seconds, before anything trains
+SUITE = plan_or_exit(SUITE_FILE)  # a bad value fails here, in seconds, in one line, before anything trains
 RECIPES = SUITE.recipes()
+FP = Fingerprints(SUITE, RECIPES)
 SEEDS = SUITE.seeds
 SETS = [s["name"] for s in SUITE.evaluation["sets"]]
-W, R = SUITE.workdir, SUITE.results
-CLI = f"distillbench --no-progress"
+W = SUITE.workdir
+CLI = f"exec {sys.executable} -m harness.cli --no-progress"  # exec: killing the job kills the step itself
 ARGS = f"--config {SUITE_FILE} --threads {SUITE.threads_per_job}"
-GPU = 0 if SUITE.device == "cpu" else 1  # one GPU per job; constrain with --resources gpu=N
+GPU = 0 if resolve_device(SUITE.device) == "cpu" else 1  # one GPU per job; constrain with --resources gpu=N
 RESOURCES = dict(config.get("resources") or {})
 # num_processes > 1: each distill run is started by `accelerate launch` (DDP; see harness/parallel.py)
-LAUNCH = launch_prefix(SUITE.num_processes, SUITE.device) + " --no-progress" if SUITE.num_processes > 1 else CLI
+LAUNCH = f"exec {launch_prefix(SUITE.num_processes, SUITE.device)} --no-progress" if SUITE.num_processes > 1 else CLI
 
 wildcard_constraints:
     recipe="|".join(RECIPES) or "none",
@@ -74,12 +71,12 @@ TARGETS = [(r, s) for r in RECIPES for s in SEEDS] + [("teacher", 0)] + [("init"
 
 rule all:
     input:
-        R / "leaderboard.md",
+        SUITE.leaderboard_dir / "leaderboard.md",
 
 
 rule data:
     output: [W / "data" / f"{split}.jsonl" for split in ("train", "valid", "test")] if SUITE.data["kind"] == "tiny" else [W / "data" / "train.jsonl"]
-    params: h=H_DATA
+    params: fp=FP.data()
     log: W / "logs" / "data.log"
     shell: "{CLI} data {ARGS} > {log} 2>&1"
 
@@ -87,7 +84,7 @@ rule data:
 rule tokenizer:
     input: W / "data" / "train.jsonl"
     output: W / "tokenizer" / "tokenizer.json"
-    params: h=H_TOKENIZER
+    params: fp=FP.tokenizer()
     log: W / "logs" / "tokenizer.log"
     shell: "{CLI} tokenizer {ARGS} > {log} 2>&1"
 
@@ -95,7 +92,7 @@ rule tokenizer:
 rule teacher:
     input: W / "tokenizer" / "tokenizer.json"
     output: W / "teacher" / "teacher.json"
-    params: h=H_TEACHER
+    params: fp=FP.teacher()
     threads: SUITE.threads_per_job  # tiny models: one thread is faster than two (measured)
     resources: gpu=GPU, **RESOURCES.get("teacher", {})
     log: W / "logs" / "teacher.log"
@@ -106,8 +103,8 @@ rule teacher:
 rule teacher_cache:
     input: W / "teacher" / "teacher.json"
     output: SUITE.cache_path
-    params: h=H_DISTILL
-    threads: SUITE.threads_per_job  # tiny models: one thread is faster than two (measured)
+    params: fp=FP.teacher_cache()
+    threads: SUITE.threads_per_job
     resources: gpu=GPU, **RESOURCES.get("teacher", {})
     log: W / "logs" / "teacher_cache.log"
     benchmark: W / "benchmarks" / "teacher_cache.tsv"
@@ -117,7 +114,7 @@ rule teacher_cache:
 rule student_init:
     input: W / "tokenizer" / "tokenizer.json"
     output: W / "student_init" / "seed{seed}" / "config.json"
-    params: h=H_STUDENT
+    params: fp=lambda wc: FP.student_init(int(wc.seed))
     log: W / "logs" / "student_init_{seed}.log"
     shell: "{CLI} student-init {ARGS} --seed {wildcards.seed} > {log} 2>&1"
 
@@ -126,13 +123,13 @@ rule distill:
     input:
         teacher_inputs,
         W / "student_init" / "seed{seed}" / "config.json",
-        recipe=lambda wc: RECIPES[wc.recipe].path,
+        sources=lambda wc: RECIPES[wc.recipe].source_files(),  # the recipe and its user objective modules
     output: W / "runs" / "{recipe}" / "seed{seed}" / "run.json"
     threads: SUITE.threads_per_job * SUITE.num_processes
     resources: gpu=GPU * SUITE.num_processes, **RESOURCES.get("distill", {})
     log: W / "logs" / "distill_{recipe}_{seed}.log"
     benchmark: W / "benchmarks" / "distill_{recipe}_{seed}.tsv"
-    params: h=H_DISTILL, launch=LAUNCH
+    params: fp=lambda wc: FP.run(wc.recipe, int(wc.seed)), launch=LAUNCH
     shell: "{params.launch} distill {ARGS} --recipe {wildcards.recipe} --seed {wildcards.seed} > {log} 2>&1"
 
 
@@ -147,7 +144,7 @@ def evaluate_inputs(wildcards):
 rule evaluate:
     input: evaluate_inputs
     output: [W / "records" / "{target}" / f"seed{s}" / f"{x}.json" for s in SEEDS for x in SETS]
-    params: h=H_EVAL, seeds=" ".join(f"--seed {s}" for s in SEEDS)
+    params: fp=lambda wc: digest([FP.record(wc.target, s) for s in SEEDS]), seeds=" ".join(f"--seed {s}" for s in SEEDS)
     threads: SUITE.threads_per_job
     resources: gpu=GPU, **RESOURCES.get("evaluate", {})
     log: W / "logs" / "evaluate_{target}.log"
@@ -158,7 +155,7 @@ rule evaluate:
 rule evaluate_teacher:
     input: W / "teacher" / "teacher.json"
     output: [W / "records" / "teacher" / "seed0" / f"{x}.json" for x in SETS]
-    params: h=H_EVAL
+    params: fp=FP.record("teacher", 0)
     threads: SUITE.threads_per_job
     resources: gpu=GPU, **RESOURCES.get("evaluate", {})
     log: W / "logs" / "evaluate_teacher.log"
@@ -166,17 +163,14 @@ rule evaluate_teacher:
     shell: "{CLI} evaluate {ARGS} --target teacher --seed 0 > {log} 2>&1"
 
 
-rule publish:
+rule leaderboard:
     input: [W / "records" / t / f"seed{s}" / f"{x}.json" for t, s in TARGETS for x in SETS]
     output:
-        report(R / "leaderboard.md", category="Leaderboard"),
-        R / "leaderboard.csv",
-        R / "leaderboard.html",
-        R / "leaderboard.tex",
-        report(R / "plots" / "scores.png", category="Plots"),
-        report(R / "plots" / "pareto.png", category="Plots"),
-        report(R / "plots" / "heatmap.png", category="Plots"),
-        report(R / "plots" / "training_curves.png", category="Plots"),
-    params: h=H_EVAL
-    log: W / "logs" / "publish.log"
-    shell: "{CLI} publish --config {SUITE_FILE} > {log} 2>&1"
+        report(SUITE.leaderboard_dir / "leaderboard.md", category="Leaderboard"),
+        SUITE.leaderboard_dir / "leaderboard.csv",
+        SUITE.leaderboard_dir / "scores.csv",
+        SUITE.leaderboard_dir / "provenance.json",
+        report(SUITE.leaderboard_dir / "plots" / "scores.png", category="Plots"),
+    params: fp=FP.plan_digest()
+    log: W / "logs" / "leaderboard.log"
+    shell: "{CLI} leaderboard {ARGS} > {log} 2>&1"

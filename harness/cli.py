@@ -8,7 +8,9 @@
     distillbench teacher-cache --config config/tiny.yaml
     distillbench distill   --config config/tiny.yaml --recipe fkl --seed 1
     distillbench evaluate  --config config/tiny.yaml --target fkl --seed 1     (target: a recipe, teacher or init)
-    distillbench publish   --config config/tiny.yaml
+    distillbench leaderboard --config config/tiny.yaml                          (→ work/<suite>/leaderboard)
+    distillbench publish   --config config/tiny.yaml     (work/<suite>/leaderboard → results/<suite> + README table)
+    distillbench check     --config config/tiny.yaml     (do the published results match the code and the last run?)
     distillbench objectives                                                     (list the registry)
 
 Errors in the user's input (recipes, suite, data, models) print one line naming the file, key and fix and
@@ -54,13 +56,15 @@ def _parser() -> argparse.ArgumentParser:
     cmd("evaluate", "evaluate a trained student, the teacher or the untrained student",
         (("--target",), {"required": True, "help": "a recipe name, 'teacher' or 'init'"}),
         (("--seed",), {"type": int, "action": "append", "help": "training seed(s); repeat for several (default 0)"}))
-    cmd("publish", "aggregate records into leaderboards and plots")
+    cmd("leaderboard", "aggregate the plan's records into leaderboards and plots under work/<suite>/leaderboard")
+    cmd("publish", "copy work/<suite>/leaderboard into results/<suite> and regenerate the README's table")
+    cmd("check", "say whether results/<suite> matches the current code, plan and last run (exit 1 if not)")
     sp = sub.add_parser("objectives", help="list the registered objectives")
     sp.add_argument("--config", default=None)
     return p
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> int:
     from . import steps
     from .suite import load_suite
 
@@ -71,7 +75,7 @@ def run(args: argparse.Namespace) -> None:
             spec = objectives.spec(name)
             print(f"{name:9s} {spec.kind:13s} sparse={'yes' if spec.sparse_ok else 'no ':3s} "
                   f"{spec.defaults or ''} {spec.summary}")
-        return
+        return 0
     if args.threads:
         import torch
 
@@ -83,7 +87,7 @@ def run(args: argparse.Namespace) -> None:
     if args.command == "validate":
         report = validate_plan(suite, recipes_dir=args.recipes, check_data=True)
         print(report)
-        return
+        return 0
     if args.command == "data":
         steps.prepare_data(suite)
     elif args.command == "tokenizer":
@@ -99,12 +103,39 @@ def run(args: argparse.Namespace) -> None:
         steps.distill(suite, suite.recipes()[args.recipe], args.seed, progress=progress)
     elif args.command == "evaluate":
         steps.evaluate(suite, args.target, args.seed or [0], progress=progress)
+    elif args.command == "leaderboard":
+        steps.leaderboard(suite)
     elif args.command == "publish":
-        steps.publish(suite)
+        from .publishing import publish
+
+        print(f"published {publish(suite)}")
+    elif args.command == "check":
+        from .publishing import check
+
+        ok, lines = check(suite)
+        print("\n".join(lines))
+        return 0 if ok else 1
+    return 0
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGTERM when the parent process (a job's shell, Snakemake) dies, instead of running on and
+    writing outputs after the job was marked failed."""
+    if sys.platform != "linux":
+        return
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if argv is None:
+        _die_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     if args.no_progress:  # also the Hugging Face bars (loading/saving weights), so an error stays one line
@@ -115,14 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     from .objectives import ObjectiveError
 
     try:
-        run(args)
+        return run(args)
     except (*USER_ERRORS, ModelError, ObjectiveError) as exc:
         if args.debug:
             raise
         message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # one line
         print(f"distillbench {args.command}: error: {message}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

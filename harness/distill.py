@@ -40,8 +40,16 @@ from .parallel import world as parallel_world
 log = logging.getLogger(__name__)
 
 
-class TrainingDiverged(RuntimeError):
-    """A non-finite loss or gradient; the last good checkpoint is kept."""
+class TrainingFailed(RuntimeError):
+    """A run that must not be published as ok; the message says why and what was kept."""
+
+
+class TrainingDiverged(TrainingFailed):
+    """A non-finite loss or gradient."""
+
+
+class NothingTrained(TrainingFailed):
+    """No response token entered the loss, or the loss never moved: the weights are (close to) the initial ones."""
 
 
 @dataclass
@@ -58,6 +66,7 @@ class TrainConfig:
     max_length: int = 64
     max_prompt_tokens: int = 48
     chunk_size: int | None = None
+    max_new_tokens: int | None = None  # sampling budget of the modes that generate (None: up to max_length)
     checkpoint_every: int = 0  # optimizer steps between resumable checkpoints (0: only at the end)
     log_every: int = 10
     device: str = "cpu"
@@ -69,6 +78,9 @@ class TrainResult:
     tokens: int = 0  # counted (response) tokens that entered the loss
     samples: int = 0
     curve: list[tuple[int, float]] = field(default_factory=list)
+    parts: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # each loss term at logged steps
+    loss_moved: bool = False  # some step's loss differed from the first step's
+    first_loss: float | None = None
     timings: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     resumed_from: int = 0
 
@@ -82,6 +94,7 @@ class TrainResult:
             "tokens": self.tokens,
             "samples": self.samples,
             "tokens_per_s": round(self.tokens / wall, 1) if wall else None,
+            "cpu_time_s": round(t.get("cpu_time_s", 0.0), 4),
             "sec_per_sample": round(wall / self.samples, 6) if self.samples else None,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
@@ -144,37 +157,62 @@ def save_state(path: Path, **state) -> None:
     os.replace(tmp, path)
 
 
+def disable_dropout(model) -> None:
+    """Set every dropout probability of ``model`` to 0 (TRL's ``disable_dropout_in_model``, also attention)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
+    config = getattr(model, "config", None)
+    for key in ("attn_pdrop", "resid_pdrop", "embd_pdrop", "attention_dropout", "hidden_dropout", "dropout"):
+        if isinstance(getattr(config, key, None), float):
+            setattr(config, key, 0.0)
+
+
 def train(
     student,
     next_batch: Callable[[int], dict],
     cfg: TrainConfig,
     *,
     seed: int,
-    objective: objectives.Objective,
+    objective: objectives.Objective | None = None,
     kd_weight: float = 1.0,
     temperature: float = 1.0,
+    loss=None,
     teacher_logits: Callable[[dict], torch.Tensor] | None = None,
     state_path: Path | None = None,
+    fingerprint: str | None = None,
     name: str = "run",
     progress: bool = True,
     on_step: Callable[[int, "TrainResult"], None] | None = None,
 ) -> TrainResult:
     """Train ``student`` for ``cfg.max_steps`` optimizer steps and return costs and the loss curve.
 
+    The loss is ``loss`` (a :class:`harness.objectives.composite.WeightedLoss`, a recipe's weighted sum of
+    terms) or, in the short form, ``(1 − kd_weight)·CE + kd_weight·objective`` at ``temperature``.
     ``next_batch(i)`` gives the i-th micro-batch (a dict of ``input_ids``, ``attention_mask``, ``labels``,
     ``loss_mask`` [B, T], see :mod:`harness.data.batching`); ``teacher_logits(batch)`` gives the teacher's
     logits ``[B, T, V]`` for it (a live forward or the teacher cache), or is ``None`` for pure SFT.
-    ``state_path``: where resumable checkpoints go; an existing one is resumed (model, optimizer,
-    schedule, RNG and data position).
+    ``state_path``: where resumable checkpoints go. An existing one is resumed (model, optimizer, schedule,
+    RNG and data position) only when it was written under the same ``fingerprint`` (the hash of every input of
+    the run); otherwise it is discarded and training starts from the beginning.
+
+    Raises :class:`TrainingDiverged` on a non-finite loss or gradient and :class:`NothingTrained` when no
+    response token entered the loss or the loss never changed over two or more steps.
     """
     from transformers import get_cosine_schedule_with_warmup
 
+    from .objectives.composite import WeightedLoss
+
+    if loss is None:
+        if objective is None:
+            raise ValueError(f"{name}: train() needs a loss (or an objective)")
+        loss = WeightedLoss.kd(objective, kd_weight, temperature)
     device = cfg.device
-    is_ce = objective.spec.kind == "labels"
-    uses_teacher = not is_ce and kd_weight > 0
+    uses_teacher = loss.needs_teacher
     if uses_teacher and teacher_logits is None:
-        raise ValueError(f"{name}: objective {objective.name!r} with kd_weight {kd_weight} needs a teacher")
-    ce = objectives.get("ce")
+        raise ValueError(f"{name}: the loss {loss!r} needs a teacher")
     chunk = cfg.chunk_size
 
     seed_everything(seed)
@@ -193,27 +231,38 @@ def train(
 
     if state_path is not None and state_path.exists():
         state = torch.load(state_path, weights_only=False)
-        student.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        if state.get("batch_source") is not None and hasattr(next_batch, "load_state_dict"):
-            next_batch.load_state_dict(state["batch_source"])  # a mode's counts, buffer and threshold
-        result = state["result"]
-        result.timings = defaultdict(float, result.timings)
-        result.resumed_from = result.steps
-        log.info("%s: resumed from step %d (%s)", name, result.steps, state_path)
+        if state.get("fingerprint") != fingerprint:
+            log.warning("%s: discarding checkpoint %s (written for inputs %s, this run's are %s): starting at step 0",
+                        name, state_path, state.get("fingerprint"), fingerprint)
+            state_path.unlink()
+        else:
+            student.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            _set_rng_state(state["rng"])
+            if state.get("batch_source") is not None and hasattr(next_batch, "load_state_dict"):
+                next_batch.load_state_dict(state["batch_source"])  # a mode's counts, buffer and threshold
+            result = state["result"]
+            result.timings = defaultdict(float, result.timings)
+            result.resumed_from = result.steps
+            log.info("%s: resumed from step %d (%s)", name, result.steps, state_path)
 
     def checkpoint():
         if state_path is not None and group.is_main:
             save_state(state_path, model=student.state_dict(), optimizer=optimizer.state_dict(),
-                       scheduler=scheduler.state_dict(), rng=_rng_state(), result=result,
+                       scheduler=scheduler.state_dict(), rng=_rng_state(), result=result, fingerprint=fingerprint,
                        batch_source=next_batch.state_dict() if hasattr(next_batch, "state_dict") else None)
+
+    def kept() -> str:
+        if state_path is not None and state_path.exists():
+            return f"the last checkpoint ({state_path}, step {torch.load(state_path, weights_only=False)['result'].steps}) is kept"
+        return "no checkpoint was written (training.checkpoint_every is 0 or no checkpoint step was reached)"
 
     model = group.wrap(student)  # DDP (or FSDP / DeepSpeed per the accelerate config) when distributed
     bar = tqdm(total=cfg.max_steps, initial=result.steps, desc=name, disable=not (progress and group.is_main),
                dynamic_ncols=True)
     t_start = time.perf_counter() - result.timings["train_time_s"]
+    cpu_start = time.process_time() - result.timings["cpu_time_s"]
     timings = result.timings
     accum = cfg.gradient_accumulation_steps
     aligned_logged = False
@@ -223,6 +272,7 @@ def train(
         micro = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in micro]
         n_tokens = group.sum(sum(float(b["loss_mask"].sum()) for b in micro), device)  # global token count
         step_loss = 0.0
+        step_parts: dict[str, float] = defaultdict(float)
         for batch in micro:
             mask = batch["loss_mask"]
             t_logits = None
@@ -233,48 +283,50 @@ def train(
                 s_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             with timed(timings, "loss_s", device):
                 norm = max(n_tokens, 1.0) / group.size  # DDP averages gradients over the N processes
-                if is_ce:
-                    loss = ce(s_logits, None, mask, labels=batch["labels"], normalizer=norm, chunk_size=chunk)
-                else:
-                    s_al, t_al = align_vocab(s_logits, t_logits) if t_logits is not None else (s_logits, None)
-                    if t_logits is not None and s_logits.shape[-1] != t_logits.shape[-1] and not aligned_logged:
-                        aligned_logged = True
-                        log.info("%s: aligned vocabularies: student %d vs teacher %d logit columns; the %d padded "
-                                 "columns are masked as -inf on both sides", name, s_logits.shape[-1],
-                                 t_logits.shape[-1], abs(s_logits.shape[-1] - t_logits.shape[-1]))
-                    loss = kd_weight * objective(s_al, t_al, mask, temperature=temperature, chunk_size=chunk,
-                                                 **({} if objective.spec.kind == "batch" else {"normalizer": norm}))
-                    if objective.spec.kind == "batch":
-                        loss = loss * float(mask.sum()) / norm  # token-weighted across micro-batches
-                    if kd_weight < 1:
-                        loss = loss + (1 - kd_weight) * ce(s_logits, None, mask, labels=batch["labels"],
-                                                           normalizer=norm, chunk_size=chunk)
-            if not torch.isfinite(loss):
+                s_al, t_al = align_vocab(s_logits, t_logits) if t_logits is not None else (s_logits, None)
+                if t_logits is not None and s_logits.shape[-1] != t_logits.shape[-1] and not aligned_logged:
+                    aligned_logged = True
+                    log.info("%s: aligned vocabularies: student %d vs teacher %d logit columns; the %d padded "
+                             "columns are masked as -inf on both sides", name, s_logits.shape[-1],
+                             t_logits.shape[-1], abs(s_logits.shape[-1] - t_logits.shape[-1]))
+                value, parts = loss(s_al, t_al, mask, labels=batch["labels"], normalizer=norm, chunk_size=chunk)
+            if not torch.isfinite(value):
                 raise TrainingDiverged(
-                    f"{name}: non-finite loss ({float(loss)}) at optimizer step {step + 1}; "
-                    f"last good checkpoint kept{f' at {state_path}' if state_path else ''}"
+                    f"{name}: non-finite loss ({float(value.detach())}) at optimizer step {step + 1} "
+                    f"(terms: {', '.join(f'{k}={v:.4g}' for k, v in parts.items())}); {kept()}"
                 )
             with timed(timings, "student_backward_s", device):
-                loss.backward()
-            step_loss += float(loss)
+                value.backward()
+            step_loss += float(value.detach())
+            for k, v in parts.items():
+                step_parts[k] += v
             result.samples += int(batch["input_ids"].shape[0]) * group.size
         with timed(timings, "optimizer_s", device):
             grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
             if not torch.isfinite(grad_norm):
-                raise TrainingDiverged(
-                    f"{name}: non-finite gradient norm at optimizer step {step + 1}; "
-                    f"last good checkpoint kept{f' at {state_path}' if state_path else ''}"
-                )
+                raise TrainingDiverged(f"{name}: non-finite gradient norm at optimizer step {step + 1}; {kept()}")
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         result.steps = step + 1
         result.tokens += int(n_tokens)
+        if result.first_loss is None:
+            result.first_loss = step_loss
+        elif step_loss != result.first_loss:
+            result.loss_moved = True
         timings["train_time_s"] = time.perf_counter() - t_start
+        timings["cpu_time_s"] = time.process_time() - cpu_start
         if result.steps % cfg.log_every == 0 or result.steps == cfg.max_steps:
             step_loss = group.sum(step_loss, device) / group.size  # the global token mean
             result.curve.append((result.steps, round(step_loss, 6)))
+            result.parts.append((result.steps, {k: round(v, 6) for k, v in step_parts.items()}))
             bar.set_postfix(loss=f"{step_loss:.4f}")
+            if group.is_main:
+                elapsed = timings["train_time_s"]
+                done = result.steps - result.resumed_from
+                eta = elapsed / max(done, 1) * (cfg.max_steps - result.steps) if done else 0.0
+                log.info("%s: step %d/%d loss %.4f | %.0f tok/s | %.0fs elapsed, ~%.0fs left", name, result.steps,
+                         cfg.max_steps, step_loss, result.tokens / max(elapsed, 1e-9), elapsed, eta)
         bar.update(1)
         if on_step is not None:
             on_step(result.steps, result)
@@ -282,7 +334,15 @@ def train(
             checkpoint()
     bar.close()
     timings["train_time_s"] = time.perf_counter() - t_start
+    timings["cpu_time_s"] = time.process_time() - cpu_start
     group.barrier()
     student.eval()
+    if result.tokens == 0:
+        raise NothingTrained(
+            f"{name}: no response token entered the loss in {result.steps} steps (every response was cut off: "
+            "raise training.max_length or lower training.max_prompt_tokens)")
+    if result.steps - result.resumed_from >= 2 and not result.loss_moved:
+        raise NothingTrained(
+            f"{name}: the loss stayed at {result.first_loss!r} for all {result.steps} steps: the objective gives no "
+            "training signal (check the recipe's parameters and temperature)")
     return result
-

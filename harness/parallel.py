@@ -74,10 +74,12 @@ def launch_prefix(num_processes: int, device: str) -> str:
     own multi-CPU launcher needs MPI, so ``torchrun --standalone`` starts the processes and the
     :class:`accelerate.Accelerator` inside joins them with gloo.
     """
+    import sys
+
     if num_processes <= 1:
         return ""
-    if device == "cpu":
-        return f"torchrun --standalone --nproc_per_node {num_processes} -m harness.cli"
+    if device == "cpu":  # the interpreter that runs Snakemake: no PATH lookup, no activated venv needed
+        return f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node {num_processes} -m harness.cli"
     extra = os.environ.get("ACCELERATE_LAUNCH_ARGS", "")
-    return (f"accelerate launch --multi_gpu --num_processes {num_processes} --num_machines 1 {extra} "
-            "-m harness.cli").replace("  ", " ")
+    return (f"{sys.executable} -m accelerate.commands.launch --multi_gpu --num_processes {num_processes} "
+            f"--num_machines 1 {extra} -m harness.cli").replace("  ", " ")

@@ -22,7 +22,8 @@ from .data import batching
 from .data.instruct import filter_long_prompts, load_eval_set, load_jsonl, write_jsonl_atomic
 from .data.tokenizer import item_texts, load_tokenizer, train_tokenizer
 from .data.tiny import write_tiny
-from .distill import TrainConfig, TrainingDiverged, TrainResult, batch_order, train
+from .distill import TrainConfig, TrainingFailed, TrainResult, batch_order, disable_dropout, train
+from .fingerprint import Fingerprints
 from .io import read_json, write_json_atomic
 from .models import build_tiny, check_same_tokenizer, load_model, resolve_device
 from .modes import batch_source, validation_loss
@@ -206,19 +207,9 @@ def live_teacher(teacher):
     return teacher_logits
 
 
-CACHE_SCHEMA_DEFAULTS = {"mode": "exact", "top_k": 64, "dtype": "float16", "batch_size": 64}
-
-
 def cache_settings(suite: Suite) -> dict | None:
-    if not suite.teacher_cache:
-        return None
-    unknown = set(suite.teacher_cache) - set(CACHE_SCHEMA_DEFAULTS)
-    if unknown:
-        from .schema import ConfigError
-
-        raise ConfigError(f"{suite.path}: unknown key 'teacher_cache.{sorted(unknown)[0]}'; accepted: "
-                          f"{', '.join(CACHE_SCHEMA_DEFAULTS)}")
-    return {**CACHE_SCHEMA_DEFAULTS, **suite.teacher_cache}
+    """The suite's teacher-cache settings (validated, defaults filled by harness.suite), or None."""
+    return suite.teacher_cache
 
 
 def build_teacher_cache(suite: Suite, progress: bool = True) -> Path:
@@ -246,15 +237,22 @@ def build_teacher_cache(suite: Suite, progress: bool = True) -> Path:
 
 
 def distill(suite: Suite, recipe: Recipe, seed: int, progress: bool = True) -> Path:
-    """Train the seed's initial student under one recipe; save the student and ``run.json``."""
+    """Train the seed's initial student under one recipe; save the student and ``run.json``.
+
+    A failed run (diverged, or nothing trained) writes ``run.json`` with ``status: failed`` and the reason,
+    so the pipeline goes on and the leaderboard lists it as failed, never with numbers.
+    """
     out = suite.run_dir(recipe.name, seed)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(suite.device)
     tok = load_tokenizer(suite.tokenizer_dir)
     student = load_model(suite.student_init_dir(seed), device=device, dtype="float32")
+    if recipe.dropout == "disable":
+        disable_dropout(student)
     cfg = TrainConfig(**{**suite.training.__dict__, "device": device})
+    loss = recipe.build_loss()
     teacher_fn = None
-    if recipe.uses_teacher:
+    if loss.needs_teacher:
         check_same_tokenizer(load_tokenizer(teacher_source(suite)), tok)
         cached = cache_settings(suite) is not None and suite.cache_path.exists()
         # A cached off-policy run never needs the teacher's weights; other modes score student samples live.
@@ -267,10 +265,11 @@ def distill(suite: Suite, recipe: Recipe, seed: int, progress: bool = True) -> P
         else:
             teacher_fn = live
     examples = encoded_train(suite)
+    fingerprint = Fingerprints(suite, {recipe.name: recipe}).run(recipe.name, seed)
     t0 = time.perf_counter()
-    common = {"suite": suite.name, "recipe": recipe.name, "seed": seed, "recipe_config": recipe.to_dict(),
-              "train_config": cfg.__dict__, "device": device, "machine": machine(device),
-              "git_rev": git_revision(), "versions": versions()}
+    common = {"suite": suite.name, "recipe": recipe.name, "seed": seed, "fingerprint": fingerprint,
+              "recipe_config": recipe.to_dict(), "loss": repr(loss), "train_config": cfg.__dict__, "device": device,
+              "machine": machine(device), "git_rev": git_revision(), "versions": versions()}
     source = batch_source(  # the training mode: reference batches, student samples or DistiLLM's replay
         recipe.mode, recipe.mode_params, reference=reference_batches(suite, examples, tok.pad_token_id, seed),
         student=student, tokenizer=tok, examples=examples, pad_id=tok.pad_token_id, seed=seed,
@@ -282,12 +281,10 @@ def distill(suite: Suite, recipe: Recipe, seed: int, progress: bool = True) -> P
     )
     try:
         result: TrainResult = train(
-            student, source, cfg, seed=seed,
-            objective=recipe.build_objective(), kd_weight=recipe.kd_weight, temperature=recipe.temperature,
-            teacher_logits=teacher_fn, state_path=out / "state.pt", name=f"{recipe.name}/seed{seed}",
-            progress=progress,
+            student, source, cfg, seed=seed, loss=loss, teacher_logits=teacher_fn, state_path=out / "state.pt",
+            fingerprint=fingerprint, name=f"{recipe.name}/seed{seed}", progress=progress,
         )
-    except TrainingDiverged as exc:
+    except TrainingFailed as exc:
         log.error("%s", exc)
         write_json_atomic(out / "run.json", {**common, "status": "failed", "error": str(exc)})
         return out
@@ -296,7 +293,7 @@ def distill(suite: Suite, recipe: Recipe, seed: int, progress: bool = True) -> P
     student.save_pretrained(str(out / "model"))
     tok.save_pretrained(str(out / "model"))
     write_json_atomic(out / "run.json", {
-        **common, "status": "ok", "curve": result.curve, "mode_stats": source.stats,
+        **common, "status": "ok", "curve": result.curve, "loss_terms": result.parts, "mode_stats": source.stats,
         "costs": {**result.costs(), **{k: round(v, 4) for k, v in source.timings.items()}},
         "resumed_from_step": result.resumed_from, "wall_s": round(time.perf_counter() - t0, 3),
         "num_processes": int(os.environ.get("WORLD_SIZE", "1")),
@@ -382,10 +379,12 @@ def evaluate(suite: Suite, target: str, seeds: int | list[int], progress: bool =
     tasks, lm_kwargs = lm_eval_tasks(suite, sets)
     held_out = {name: held_out_batches(suite, tok, items) for name, items in sets.items()}
     teacher = None if target == "teacher" else load_model(teacher_source(suite), device=device)
+    fingerprints = Fingerprints(suite)
     paths = []
     for seed in [seeds] if isinstance(seeds, int) else seeds:
         source, role, run = _target_model_dir(suite, target, seed)
-        base = {"suite": suite.name, "recipe": target, "seed": seed, "role": role, "git_rev": git_revision(),
+        base = {"suite": suite.name, "recipe": target, "seed": seed, "role": role,
+                "fingerprint": fingerprints.record(target, seed), "git_rev": git_revision(),
                 "versions": versions(), "device": device, "machine": machine(device),
                 "config": {"suite": suite.raw, "recipe": run.get("recipe_config")}}
         if run.get("status") == "failed":
@@ -413,7 +412,7 @@ def evaluate(suite: Suite, target: str, seeds: int | list[int], progress: bool =
     return paths
 
 
-# ----------------------------------------------------------------------------------------------- publish
+# ----------------------------------------------------------------------------------------------- leaderboard
 def expected_runs(suite: Suite) -> list[tuple[str, int, str]]:
     sets = [s["name"] for s in suite.evaluation["sets"]]
     targets = [(r, s) for r in suite.recipes() for s in suite.seeds] + [("teacher", 0)]
@@ -421,10 +420,57 @@ def expected_runs(suite: Suite) -> list[tuple[str, int, str]]:
     return [(t, s, x) for t, s in targets for x in sets]
 
 
-def publish(suite: Suite) -> dict[str, Path]:
-    """Leaderboards (md/csv/html/tex) and plots from every record of the suite, into ``results/<suite>``."""
+def select_records(suite: Suite, fingerprints: Fingerprints | None = None) -> tuple[list[Path], list[str]]:
+    """The plan's records whose fingerprint matches the current plan, and what was left out and why.
+
+    Only the expected (target, seed, set) files are read — never a glob — so records of recipes, seeds or
+    configurations that the plan no longer holds cannot enter the leaderboard.
+    """
+    fingerprints = fingerprints or Fingerprints(suite)
+    expected = fingerprints.expected_records()
+    chosen, left_out = [], []
+    for target, seed, name in expected_runs(suite):
+        path = record_path(suite, target, seed, name)
+        if not path.exists():
+            left_out.append(f"{target} seed {seed} [{name}]: missing ({path})")
+            continue
+        found = read_json(path).get("fingerprint")
+        if found != expected[(target, seed)]:
+            left_out.append(f"{target} seed {seed} [{name}]: stale, made by other inputs "
+                            f"(fingerprint {found}, the plan's is {expected[(target, seed)]})")
+            continue
+        chosen.append(path)
+    return chosen, left_out
+
+
+def provenance(suite: Suite, fingerprints: Fingerprints) -> dict:
+    """The stamp of a leaderboard: what code, plan, libraries and machine made it."""
+    from .fingerprint import code_digest, library_versions, report_code_digest
+
+    rev = git_revision()
+    dirty = None
+    try:
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "harness", "recipes", "config", "Snakefile"],
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"suite": suite.name, "suite_file": suite.origin, "git_rev": rev, "git_dirty": dirty,
+            "code_digest": code_digest(), "report_code_digest": report_code_digest(),
+            "plan_digest": fingerprints.plan_digest(), "libraries": library_versions(),
+            "machine": machine(resolve_device(suite.device)), "device": resolve_device(suite.device)}
+
+
+def leaderboard(suite: Suite) -> dict[str, Path]:
+    """Leaderboards (md/csv/html/tex), scores and plots from the plan's records, into ``workdir/leaderboard``.
+
+    Publishing them into ``results/<suite>`` is a separate, deliberate step (harness.publishing).
+    """
     from .report import publish as publish_report
 
+    fingerprints = Fingerprints(suite)
+    chosen, left_out = select_records(suite, fingerprints)
+    if left_out:
+        log.warning("leaving out %d record(s):\n  %s", len(left_out), "\n  ".join(left_out))
     curves = {}
     for recipe in suite.recipes():
         per_seed = {}
@@ -434,7 +480,6 @@ def publish(suite: Suite) -> dict[str, Path]:
                 per_seed[seed] = read_json(run_json).get("curve", [])
         curves[recipe] = per_seed
     return publish_report(
-        str(suite.records_dir / "*" / "seed*" / "*.json"), suite.results,
-        primary_metric=suite.evaluation["primary_metric"], baseline=suite.baseline,
-        expected=expected_runs(suite), curves=curves,
+        chosen, suite.leaderboard_dir, primary_metric=suite.evaluation["primary_metric"], baseline=suite.baseline,
+        expected=expected_runs(suite), curves=curves, provenance=provenance(suite, fingerprints), left_out=left_out,
     )

@@ -11,6 +11,7 @@ Paths in a suite file are relative to the current directory (the repository root
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,19 +19,36 @@ from typing import Any
 from .distill import TrainConfig
 from .recipes import Recipe, discover
 from .schema import ConfigError, Field, check, read_yaml
+from .teacher_cache import CACHE_SCHEMA
 
 #: the suite's ``training:`` keys are TrainConfig's fields (the device comes from the suite's ``device``)
+_TRAIN_LIMITS = {
+    "max_steps": dict(ge=1, help="optimizer steps of every run"),
+    "per_device_train_batch_size": dict(ge=1, help="sequences per micro-batch (per process)"),
+    "gradient_accumulation_steps": dict(ge=1, help="micro-batches per optimizer step"),
+    "learning_rate": dict(gt=0, help="peak AdamW learning rate (cosine schedule with warmup)"),
+    "weight_decay": dict(ge=0, help="AdamW weight decay of matrices"),
+    "warmup_ratio": dict(ge=0, le=1, help="share of steps with linear warmup"),
+    "max_grad_norm": dict(gt=0, help="gradient clipping norm"),
+    "max_length": dict(ge=2, help="tokens per training sequence, prompt + response"),
+    "max_prompt_tokens": dict(ge=1, help="prompt budget; longer training prompts are dropped (MiniLLM)"),
+    "chunk_size": dict(ge=1, help="positions per loss chunk (null: dense)"),
+    "max_new_tokens": dict(ge=1, help="sampling budget of the modes that generate (null: up to max_length)"),
+    "checkpoint_every": dict(ge=0, help="optimizer steps between resumable checkpoints (0: none)"),
+    "log_every": dict(ge=1, help="optimizer steps between logged losses"),
+}
 TRAIN_FIELDS = {
-    name: Field((int, type(None)) if name == "chunk_size" else (type(default),), default)
+    name: Field((int, type(None)) if name in ("chunk_size", "max_new_tokens") else (type(default),), default,
+                **_TRAIN_LIMITS.get(name, {}))
     for name, default in TrainConfig().__dict__.items() if name != "device"
 }
 
 MODEL_SCHEMA = {
-    "arch": Field((str,), None, choices=("gpt2", "llama")),
-    "n_layer": Field((int,), None),
-    "n_embd": Field((int,), None),
-    "n_head": Field((int,), None),
-    "intermediate": Field((int,), None),
+    "arch": Field((str,), None, choices=("gpt2", "llama"), help="a tiny model built here with this architecture"),
+    "n_layer": Field((int,), None, ge=1),
+    "n_embd": Field((int,), None, ge=1),
+    "n_head": Field((int,), None, ge=1),
+    "intermediate": Field((int,), None, ge=1),
     "path": Field((str,), None, help="local directory of a saved causal LM (wins over hub)"),
     "hub": Field((str,), None, help="Hugging Face hub id (needs a network)"),
     "dtype": Field((str,), "auto", choices=("auto", "float32", "bfloat16", "float16")),
@@ -49,27 +67,38 @@ DATA_SCHEMA = {
 }
 
 TOKENIZER_SCHEMA = {
-    "vocab_size": Field((int,), 1000, help="size of a tokenizer trained on the training data"),
+    "vocab_size": Field((int,), 1000, ge=16, help="size of a tokenizer trained on the training data"),
     "path": Field((str,), None, help="use a saved tokenizer (local dir) instead"),
     "hub": Field((str,), None),
 }
 
 EVAL_SCHEMA = {
-    "sets": Field((list,), required=True, help="list of {name, path | hub, split}"),
-    "seeds": Field((list,), [10, 20, 30, 40, 50]),
-    "do_sample": Field((bool,), True),
-    "temperature": Field((float,), 1.0),
-    "top_p": Field((float,), 1.0),
-    "top_k": Field((int,), 0),
-    "no_repeat_ngram_size": Field((int,), 6),
-    "max_prompt_tokens": Field((int,), 256),
-    "max_length": Field((int,), 512),
-    "max_new_tokens": Field((int, type(None)), None),
-    "max_items": Field((int, type(None)), None, help="evaluate on the first N items of each set"),
-    "batch_size": Field((int,), 32),
-    "coverage_samples": Field((int,), 0, help="extra samples per several-answer item for coverage"),
-    "lm_eval": Field((dict,), None, help="{tasks: {name: set}, standard: [...], limit: N}"),
-    "primary_metric": Field((str,), "rougeL"),
+    "sets": Field((list,), required=True, min_len=1, help="list of {name, path | hub, split}"),
+    "seeds": Field((list,), [10, 20, 30, 40, 50], min_len=1, help="evaluation (sampling) seeds; the mean is reported"),
+    "do_sample": Field((bool,), True, help="sample (MiniLLM's protocol) or decode greedily"),
+    "temperature": Field((float,), 1.0, gt=0, help="sampling temperature"),
+    "top_p": Field((float,), 1.0, gt=0, le=1, help="nucleus sampling mass"),
+    "top_k": Field((int,), 0, ge=0, help="top-k sampling (0: off)"),
+    "no_repeat_ngram_size": Field((int,), 6, ge=0, help="0: off"),
+    "max_prompt_tokens": Field((int,), 256, ge=1, help="prompt budget at evaluation"),
+    "max_length": Field((int,), 512, ge=2, help="prompt + response budget at evaluation"),
+    "max_new_tokens": Field((int, type(None)), None, ge=1, help="null: up to max_length"),
+    "max_items": Field((int, type(None)), None, ge=1, help="evaluate on the first N items of each set"),
+    "batch_size": Field((int,), 32, ge=1, help="sequences per generation batch"),
+    "coverage_samples": Field((int,), 0, ge=0, help="extra samples per several-answer item for coverage"),
+    "lm_eval": Field((dict, type(None)), None, help="{tasks: [{name, set, kind: mc|gen}], standard: [...], limit: N}"),
+    "primary_metric": Field((str,), "rougeL", help="the metric that ranks the leaderboard"),
+}
+
+LM_EVAL_SCHEMA = {
+    "tasks": Field((list,), [], help="tasks built from evaluation sets: [{name, set, kind: mc | gen}]"),
+    "standard": Field((list,), [], help="lm-eval's own task names (need their data: Hub or cache)"),
+    "limit": Field((int, type(None)), None, ge=1, help="documents per task"),
+}
+LM_EVAL_TASK_SCHEMA = {
+    "name": Field((str,), required=True, help="task name (letters, digits, _)"),
+    "set": Field((str,), required=True, help="the evaluation set (evaluation.sets[].name) it is built from"),
+    "kind": Field((str,), required=True, choices=("mc", "gen"), help="mc: log-likelihood choice; gen: generate"),
 }
 
 SUITE_SCHEMA = {
@@ -81,10 +110,11 @@ SUITE_SCHEMA = {
     "recipes": Field((list, type(None)), None, help="recipe names; null = every recipe in recipes_dir"),
     "baseline": Field((str,), "sft"),
     "seeds": Field((list,), [1, 2, 3]),
-    "device": Field((str,), "auto"),
-    "num_processes": Field((int,), 1, help="processes per distill run (accelerate launch when > 1)"),
-    "threads_per_job": Field((int,), 1),
-    "teacher_cache": Field((dict, type(None)), None, help="{mode: exact | sparse, top_k: N}"),
+    "device": Field((str,), "auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps"),
+    "num_processes": Field((int,), 1, ge=1, help="processes per distill run (accelerate launch when > 1)"),
+    "threads_per_job": Field((int,), 1, ge=1, help="torch CPU threads per job"),
+    "teacher_cache": Field((dict, type(None)), None, help="{mode: exact | sparse, top_k, dtype, batch_size}"),
+    "origin": Field((str,), None, help="(written by the Snakefile) the suite file this resolved copy came from"),
     "data": Field((dict,), required=True),
     "tokenizer": Field((dict,), None),
     "teacher": Field((dict,), required=True),
@@ -126,6 +156,7 @@ class Suite:
     training: TrainConfig
     evaluation: dict
     raw: dict = field(repr=False, default_factory=dict)
+    origin: str = ""  # the user's suite file (errors name it)
 
     def recipes(self) -> dict[str, Recipe]:
         return discover(self.recipes_dir, self.recipe_names)
@@ -156,12 +187,20 @@ class Suite:
     def cache_path(self) -> Path:
         return self.workdir / "teacher_cache.pt"
 
+    @property
+    def leaderboard_dir(self) -> Path:
+        """Where a run writes its leaderboard; ``results`` is where ``distillbench publish`` copies it."""
+        return self.workdir / "leaderboard"
+
+
+DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
 
 def load_suite(path: str | Path) -> Suite:
-    """Load and validate a suite file; errors name the file and key."""
+    """Load and validate a suite file; errors name the file (the user's, for a resolved copy) and key."""
     path = Path(path)
-    where = str(path)
     raw = _expand(read_yaml(path))
+    where = str(raw.get("origin") or path)
     top = check(raw, SUITE_SCHEMA, where)
     data = check(top["data"], DATA_SCHEMA, where, "data.")
     tokenizer = check(top["tokenizer"] or {}, TOKENIZER_SCHEMA, where, "tokenizer.")
@@ -169,6 +208,11 @@ def load_suite(path: str | Path) -> Suite:
     student = check(top["student"], MODEL_SCHEMA, where, "student.")
     training = TrainConfig(**check(top["training"] or {}, TRAIN_FIELDS, where, "training."))
     evaluation = check(top["evaluation"], EVAL_SCHEMA, where, "evaluation.")
+    cache = check(top["teacher_cache"], CACHE_SCHEMA, where, "teacher_cache.") if top["teacher_cache"] is not None else None
+    if not DEVICE_RE.match(top["device"]):
+        raise ConfigError(f"{where}: key 'device' has value {top['device']!r}; accepted: auto, cpu, cuda, cuda:N, mps")
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", top["suite"]):
+        raise ConfigError(f"{where}: key 'suite' has value {top['suite']!r}; use letters, digits, '_', '-', '.'")
     for role, model in (("teacher", teacher), ("student", student)):
         if not (model["path"] or model["hub"] or model["arch"]):
             raise ConfigError(f"{where}: key {role!r} needs one of 'arch' (tiny model), 'path' or 'hub'")
@@ -176,18 +220,48 @@ def load_suite(path: str | Path) -> Suite:
             for key in ("n_layer", "n_embd", "n_head"):
                 if model[key] is None:
                     raise ConfigError(f"{where}: key '{role}.{key}' is required for arch {model['arch']!r}")
+    if training.max_prompt_tokens >= training.max_length:
+        raise ConfigError(f"{where}: key 'training.max_prompt_tokens' ({training.max_prompt_tokens}) must be below "
+                          f"'training.max_length' ({training.max_length}), or no response token would be trained")
+    if data["kind"] == "tiny":
+        sizes = data["sizes"] or {}
+        for split in ("train", "valid", "test"):
+            if split in sizes and (not isinstance(sizes[split], int) or isinstance(sizes[split], bool) or sizes[split] < 1):
+                raise ConfigError(f"{where}: key 'data.sizes.{split}' must be an integer >= 1, got {sizes[split]!r}")
+    names = []
     for i, entry in enumerate(evaluation["sets"]):
-        if not isinstance(entry, dict) or "name" not in entry:
-            raise ConfigError(f"{where}: key 'evaluation.sets[{i}]' must be a mapping with a 'name'")
-    if not top["seeds"] or not all(isinstance(s, int) for s in top["seeds"]):
-        raise ConfigError(f"{where}: key 'seeds' must be a non-empty list of integers")
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
+            raise ConfigError(f"{where}: key 'evaluation.sets[{i}]' must be a mapping with a non-empty 'name'")
+        if entry["name"] in names:
+            raise ConfigError(f"{where}: key 'evaluation.sets[{i}].name': {entry['name']!r} is used twice; "
+                              "evaluation set names must be unique")
+        names.append(entry["name"])
+    for key in ("seeds",):
+        if not all(isinstance(s, int) and not isinstance(s, bool) for s in evaluation[key]):
+            raise ConfigError(f"{where}: key 'evaluation.{key}' must be a non-empty list of integers, got {evaluation[key]!r}")
+    if len(set(evaluation["seeds"])) != len(evaluation["seeds"]):
+        raise ConfigError(f"{where}: key 'evaluation.seeds' lists a seed twice: {evaluation['seeds']!r}")
+    lm = check(evaluation["lm_eval"] or {}, LM_EVAL_SCHEMA, where, "evaluation.lm_eval.")
+    for i, task in enumerate(lm["tasks"]):
+        t = check(task, LM_EVAL_TASK_SCHEMA, where, f"evaluation.lm_eval.tasks[{i}].")
+        if t["set"] not in names:
+            raise ConfigError(f"{where}: key 'evaluation.lm_eval.tasks[{i}].set' names {t['set']!r}, which is not an "
+                              f"evaluation set; sets: {', '.join(names)}")
+    seeds = top["seeds"]
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ConfigError(f"{where}: key 'seeds' must be a non-empty list of integers, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{where}: key 'seeds' lists a seed twice: {seeds!r}")
+    if top["recipes"] is not None and (not top["recipes"] or not all(isinstance(r, str) and r for r in top["recipes"])):
+        raise ConfigError(f"{where}: key 'recipes' must be null (every recipe) or a non-empty list of recipe names, "
+                          f"got {top['recipes']!r}")
     name = top["suite"]
     return Suite(
         name=name, path=str(path),
         workdir=Path(top["workdir"] or f"work/{name}"), results=Path(top["results"] or f"results/{name}"),
         recipes_dir=Path(top["recipes_dir"]), recipe_names=top["recipes"], baseline=top["baseline"],
-        seeds=list(top["seeds"]), device=top["device"], num_processes=top["num_processes"],
-        threads_per_job=top["threads_per_job"], teacher_cache=top["teacher_cache"], data=data,
+        seeds=list(seeds), device=top["device"], num_processes=top["num_processes"],
+        threads_per_job=top["threads_per_job"], teacher_cache=cache, data=data,
         tokenizer=tokenizer, teacher=teacher, student=student, training=training, evaluation=evaluation,
-        raw=raw,
+        raw=raw, origin=where,
     )

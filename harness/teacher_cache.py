@@ -34,10 +34,20 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .data import batching
+from .schema import Field
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+MODES = ("exact", "sparse")
+
+#: the suite's ``teacher_cache:`` section
+CACHE_SCHEMA = {
+    "mode": Field((str,), "exact", choices=MODES, help="exact: full rows; sparse: top-k + a flat tail (biased)"),
+    "top_k": Field((int,), 64, ge=1, help="sparse: tokens kept per position"),
+    "dtype": Field((str,), "float16", choices=tuple(DTYPES), help="storage dtype of the log-probabilities"),
+    "batch_size": Field((int,), 64, ge=1, help="sequences per teacher forward while building the cache"),
+}
 
 
 @dataclass

@@ -17,7 +17,7 @@ from .suite import Suite
 def _check_model_source(suite: Suite, role: str) -> None:
     entry = getattr(suite, role)
     if entry["path"] and not Path(entry["path"]).is_dir():
-        raise ConfigError(f"{suite.path}: key '{role}.path': directory {entry['path']!r} not found "
+        raise ConfigError(f"{suite.origin}: key '{role}.path': directory {entry['path']!r} not found "
                           "(give a saved model directory, or 'hub:' with a network)")
 
 
@@ -26,26 +26,32 @@ def _count_items(suite: Suite, spec: dict, key: str) -> int:
     try:
         return len(load_eval_set(spec))
     except DataError as exc:
-        raise DataError(exc.source, f"{exc.problem} (data set of key {key!r} in {suite.path})", line=exc.line,
+        raise DataError(exc.source, f"{exc.problem} (data set of key {key!r} in {suite.origin})", line=exc.line,
                         field=exc.field, fix=exc.fix) from exc
+
+
+def _recipe_line(name, recipe) -> str:
+    return f"{name} [{'+'.join(recipe.objective_ids())}, {recipe.mode}]"
 
 
 def validate_plan(suite: Suite, recipes_dir: str | None = None, check_data: bool = True) -> str:
     """Raise ConfigError/DataError/ObjectiveError on the first problem; return a summary of the plan."""
     recipes = discover(recipes_dir or suite.recipes_dir, suite.recipe_names)
     if suite.baseline not in recipes:
-        raise ConfigError(f"{suite.path}: key 'baseline': no recipe named {suite.baseline!r}; "
+        raise ConfigError(f"{suite.origin}: key 'baseline': no recipe named {suite.baseline!r}; "
                           f"known: {', '.join(sorted(recipes))}")
     cache = suite.teacher_cache or {}
     if cache.get("mode") == "sparse":
         from .objectives import spec as objective_spec
 
         for name, recipe in recipes.items():
-            if recipe.uses_teacher and not objective_spec(recipe.objective).sparse_ok:
-                raise ConfigError(
-                    f"{suite.path}: key 'teacher_cache.mode': recipe {name!r} ({recipe.path}) uses objective "
-                    f"{recipe.objective!r}, which is not defined on a sparse (top-k) teacher; use mode 'exact' "
-                    "or leave that recipe out")
+            for objective in recipe.objective_ids():
+                s = objective_spec(objective)
+                if s.needs_teacher and not s.sparse_ok:
+                    raise ConfigError(
+                        f"{suite.origin}: key 'teacher_cache.mode': recipe {name!r} ({recipe.path}) uses objective "
+                        f"{objective!r}, which is not defined on a sparse (top-k) teacher; use mode 'exact' "
+                        "or leave that recipe out")
     for role in ("teacher", "student"):
         _check_model_source(suite, role)
     n_items = {}
@@ -56,15 +62,15 @@ def validate_plan(suite: Suite, recipes_dir: str | None = None, check_data: bool
                 if spec is not None and spec.get("path"):
                     n_items[split] = _count_items(suite, {"name": split, **spec}, f"data.{split}")
             if "train" not in n_items and not (suite.data["train"] or {}).get("hub"):
-                raise ConfigError(f"{suite.path}: key 'data.train' needs 'path' or 'hub' for kind 'instruct'")
+                raise ConfigError(f"{suite.origin}: key 'data.train' needs 'path' or 'hub' for kind 'instruct'")
         for i, spec in enumerate(suite.evaluation["sets"]):
             path = spec.get("path")
             if path:
                 n_items[spec["name"]] = _count_items(suite, spec, f"evaluation.sets[{i}]")
     runs = len(recipes) * len(suite.seeds)
     lines = [
-        f"suite {suite.name!r} ({suite.path}): OK",
-        f"  recipes ({len(recipes)}): {', '.join(f'{n} [{r.objective}, {r.mode}]' for n, r in recipes.items())}",
+        f"suite {suite.name!r} ({suite.origin}): OK",
+        f"  recipes ({len(recipes)}): {', '.join(_recipe_line(n, r) for n, r in recipes.items())}",
         f"  seeds: {suite.seeds} -> {runs} distillation runs of {suite.training.max_steps} steps "
         f"x {suite.training.per_device_train_batch_size * suite.training.gradient_accumulation_steps} sequences",
         f"  evaluation sets: {', '.join(s['name'] for s in suite.evaluation['sets'])}",
@@ -72,3 +78,21 @@ def validate_plan(suite: Suite, recipes_dir: str | None = None, check_data: bool
     if n_items:
         lines.append("  items: " + ", ".join(f"{k}={v}" for k, v in n_items.items()))
     return "\n".join(lines)
+
+
+def plan_or_exit(suite_file):
+    """Load and validate a suite for the Snakefile; a user error prints one line and exits with status 2."""
+    import sys
+
+    from .models import ModelError
+    from .objectives import ObjectiveError
+    from .suite import load_suite
+
+    try:
+        suite = load_suite(suite_file)
+        validate_plan(suite, check_data=True)
+        return suite
+    except (ConfigError, DataError, ModelError, ObjectiveError) as exc:
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"distillbench: error: {message}", file=sys.stderr)
+        sys.exit(2)

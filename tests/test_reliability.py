@@ -416,11 +416,25 @@ def test_non_finite_step_stops_training(kind, what, tmp_path, monkeypatch):
               teacher_logits=live(teacher), state_path=state, name="poisoned/seed1", progress=False)
     msg = str(exc.value)
     assert msg.startswith("poisoned/seed1: ") and what in msg and "at optimizer step 3" in msg
-    assert f"last good checkpoint kept at {state}" in msg
+    assert f"the last checkpoint ({state}, step 2) is kept" in msg
     saved = torch.load(state, weights_only=False)
     assert saved["result"].steps == 2  # the last good step
     for k, v in student.state_dict().items():  # the bad step never reached the optimizer
         assert torch.equal(v, saved["model"][k]), k
+
+
+def test_nan_message_says_no_checkpoint_when_none_exists(tmp_path, monkeypatch):
+    """The error must say what is true: with checkpoint_every 0 no checkpoint exists to be 'kept'."""
+    module = unique("poison")
+    (tmp_path / f"{module}.py").write_text(POISON)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    objective = objectives.get(f"{module}:poisoned", at=1, kind="nan")
+    state = tmp_path / "state.pt"
+    with pytest.raises(TrainingDiverged) as exc:
+        train(tiny_model(seed=1), tiny_reference(), tiny_cfg(checkpoint_every=0), seed=SEED, objective=objective,
+              teacher_logits=live(tiny_model(seed=2).eval()), state_path=state, name="p/seed1", progress=False)
+    assert "no checkpoint was written" in str(exc.value) and "kept" not in str(exc.value)
+    assert not state.exists()
 
 
 def test_nan_run_marked_failed_and_never_published(base, tmp_path, capsys, caplog):

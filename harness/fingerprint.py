@@ -1,0 +1,180 @@
+"""Fingerprints: a short hash of everything that determines a file the pipeline writes.
+
+A run's result depends on the suite's sections that reach it, the recipe (and the source of every user
+objective it names), the data, the teacher, the harness's code and the libraries' versions. Each step's
+fingerprint hashes exactly those; it is
+
+- a Snakemake ``params`` value of the step's rule, so a change of any input re-runs the step;
+- stored in the checkpoint, so a run resumes only from a checkpoint made by the same inputs;
+- stored in every record, so publishing takes only records made by the current plan.
+
+Chain: ``data → tokenizer → teacher → (cache) → student_init(seed) → run(recipe, seed) → record(target, seed)``;
+each fingerprint includes its parents', so a change upstream changes everything below it.
+
+Code: :func:`code_digest` hashes the harness's source files (``.py``, ``.yaml``, ``.json`` under
+``harness/``), except the reporting package, which only the leaderboard step depends on
+(:func:`report_code_digest`). Library versions: :func:`library_versions`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PACKAGE = Path(__file__).resolve().parent
+LIBRARIES = ("torch", "transformers", "tokenizers", "accelerate", "lm_eval", "evaluate", "rouge_score", "nltk",
+             "numpy", "pandas", "scipy")
+
+
+def digest(obj: Any, n: int = 16) -> str:
+    """SHA-256 of the canonical JSON of ``obj`` (sorted keys), first ``n`` hex digits."""
+    text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def file_digest(path: str | Path, n: int = 16) -> str:
+    """SHA-256 of a file's bytes (a directory: of its files' relative names and bytes)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:n]
+
+
+def _tree_digest(root: Path, exclude: tuple[str, ...] = ()) -> str:
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*")):
+        rel = f.relative_to(root).as_posix()
+        if not f.is_file() or f.suffix not in (".py", ".yaml", ".json") or "__pycache__" in rel:
+            continue
+        if any(rel == e or rel.startswith(e + "/") for e in exclude):
+            continue
+        h.update(rel.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+@lru_cache(maxsize=1)
+def code_digest() -> str:
+    """The harness code that computes models and metrics (everything but ``report/`` and ``bench.py``)."""
+    return _tree_digest(PACKAGE, exclude=("report", "bench.py"))
+
+
+@lru_cache(maxsize=1)
+def report_code_digest() -> str:
+    """The reporting code (``harness/report``): an input of the leaderboard step only."""
+    return _tree_digest(PACKAGE / "report")
+
+
+@lru_cache(maxsize=1)
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            out[name] = metadata.version(name.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            try:
+                out[name] = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                out[name] = "absent"
+    return out
+
+
+def source_digest(paths: list[str]) -> str:
+    """Digest of a list of source files (a recipe and its user objective modules)."""
+    return digest({Path(p).name + f"#{i}": file_digest(p) for i, p in enumerate(paths) if Path(p).exists()})
+
+
+def model_source_digest(entry: dict) -> Any:
+    """What identifies a model named by a suite entry: a hub id as written; a local directory by its files."""
+    if entry.get("path") and Path(entry["path"]).is_dir():
+        d = Path(entry["path"])
+        return {"path": entry["path"], "files": {p.name: p.stat().st_size for p in sorted(d.iterdir()) if p.is_file()}}
+    return {k: entry.get(k) for k in ("hub", "path")}
+
+
+def data_files_digest(spec: Any) -> Any:
+    """Replace every local file path in a data specification by (path, digest), recursively."""
+    if isinstance(spec, dict):
+        out = {k: data_files_digest(v) for k, v in spec.items()}
+        path = spec.get("path")
+        if isinstance(path, str) and Path(path).exists():
+            out["path_digest"] = file_digest(path)
+        return out
+    if isinstance(spec, list):
+        return [data_files_digest(v) for v in spec]
+    return spec
+
+
+class Fingerprints:
+    """The fingerprints of one suite's steps (computed from the suite and its recipes, not from outputs)."""
+
+    def __init__(self, suite, recipes: dict | None = None):
+        self.suite = suite
+        self.recipes = recipes if recipes is not None else suite.recipes()
+        self.env = {"code": code_digest(), "libraries": library_versions()}
+        self._data = digest({"data": data_files_digest(suite.raw.get("data")), **self.env})
+
+    def data(self) -> str:
+        return self._data
+
+    def tokenizer(self) -> str:
+        return digest({"up": self._data, "tokenizer": self.suite.raw.get("tokenizer")})
+
+    def teacher(self) -> str:
+        t = self.suite.teacher
+        return digest({"up": self.tokenizer(), "teacher": t, "model": model_source_digest(t),
+                       "training": self.suite.raw.get("training"), "device": self.suite.device})
+
+    def teacher_cache(self) -> str:
+        return digest({"up": self.teacher(), "cache": self.suite.raw.get("teacher_cache"),
+                       "training": self.suite.raw.get("training")})
+
+    def student_init(self, seed: int) -> str:
+        s = self.suite.student
+        return digest({"up": self.tokenizer(), "student": s, "model": model_source_digest(s), "seed": seed,
+                       "training": self.suite.raw.get("training"), "device": self.suite.device})
+
+    def run(self, recipe: str, seed: int) -> str:
+        r = self.recipes[recipe]
+        body = {k: v for k, v in r.to_dict().items() if k not in ("path", "description", "reference", "name")}
+        return digest({"teacher": self.teacher() if r.uses_teacher else None,
+                       "cache": self.teacher_cache() if r.uses_teacher and self.suite.teacher_cache else None,
+                       "init": self.student_init(seed), "recipe": body, "sources": source_digest(r.source_files()),
+                       "training": self.suite.raw.get("training"), "num_processes": self.suite.num_processes,
+                       "threads": self.suite.threads_per_job, "seed": seed})
+
+    def evaluation(self) -> str:
+        return digest({"evaluation": data_files_digest(self.suite.raw.get("evaluation")), **self.env})
+
+    def record(self, target: str, seed: int) -> str:
+        """The fingerprint of the evaluation records of a target (a recipe, ``teacher`` or ``init``) and seed."""
+        if target == "teacher":
+            up = self.teacher()
+        elif target == "init":
+            up = self.student_init(seed)
+        else:
+            up = self.run(target, seed)
+        return digest({"up": up, "teacher": self.teacher(), "evaluation": self.evaluation()})
+
+    def expected_records(self) -> dict[tuple[str, int], str]:
+        """``(target, seed) → fingerprint`` of every record the plan's leaderboard needs."""
+        out = {(r, s): self.record(r, s) for r in self.recipes for s in self.suite.seeds}
+        out[("teacher", 0)] = self.record("teacher", 0)
+        out.update({("init", s): self.record("init", s) for s in self.suite.seeds})
+        return out
+
+    def plan_digest(self) -> str:
+        """One hash of the whole plan: every expected record's fingerprint, the suite's neutral keys that shape
+        the leaderboard (baseline, sets), and the reporting code."""
+        return digest({"records": sorted(f"{t}/{s}/{fp}" for (t, s), fp in self.expected_records().items()),
+                       "baseline": self.suite.baseline, "report": report_code_digest(),
+                       "primary": self.suite.evaluation["primary_metric"]})
