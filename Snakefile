@@ -20,6 +20,8 @@ from harness.parallel import launch_prefix
 from harness.suite import load_suite
 from harness.validate import plan_or_exit
 
+from snakemake.utils import min_version
+
 min_version("8.0")
 
 if not config:  # no --configfile: the embedded default suite

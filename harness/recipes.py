@@ -215,7 +215,7 @@ def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     where = str(path)
     raw = check(read_yaml(path), RECIPE_SCHEMA, where)
-    name = raw["name"] or path.stem
+    name = raw["name"] if raw["name"] is not None else path.stem
     if not NAME_RE.match(name):
         raise ConfigError(f"{where}: recipe name {name!r} must be non-empty and use only letters, digits, '_', "
                           "'-' and '.' (it names directories and Snakemake targets); rename the file or set 'name'")
