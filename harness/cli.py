@@ -11,6 +11,7 @@
     distillbench leaderboard --config config/tiny.yaml                          (→ work/<suite>/leaderboard)
     distillbench publish   --config config/tiny.yaml     (work/<suite>/leaderboard → results/<suite> + README table)
     distillbench check     --config config/tiny.yaml     (do the published results match the code and the last run?)
+    distillbench status    --config config/tiny.yaml     (what ran, failed, is stale; the top of the leaderboard)
     distillbench objectives                                                     (list the registry)
 
 Errors in the user's input (recipes, suite, data, models) print one line naming the file, key and fix and
@@ -58,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
         (("--seed",), {"type": int, "action": "append", "help": "training seed(s); repeat for several (default 0)"}))
     cmd("leaderboard", "aggregate the plan's records into leaderboards and plots under work/<suite>/leaderboard")
     cmd("publish", "copy work/<suite>/leaderboard into results/<suite> and regenerate the README's table")
+    cmd("status", "what ran, failed or is stale in the work directory, and the top of the leaderboard")
     cmd("check", "say whether results/<suite> matches the current code, plan and last run (exit 1 if not)")
     sp = sub.add_parser("objectives", help="list the registered objectives")
     sp.add_argument("--config", default=None)
@@ -109,6 +111,10 @@ def run(args: argparse.Namespace) -> int:
         from .publishing import publish
 
         print(f"published {publish(suite)}")
+    elif args.command == "status":
+        from .status import status
+
+        print(status(suite))
     elif args.command == "check":
         from .publishing import check
 

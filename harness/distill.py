@@ -69,6 +69,7 @@ class TrainConfig:
     max_new_tokens: int | None = None  # sampling budget of the modes that generate (None: up to max_length)
     checkpoint_every: int = 0  # optimizer steps between resumable checkpoints (0: only at the end)
     log_every: int = 10
+    report_to: str = "none"  # "tensorboard": live curves under <run dir>/tensorboard (HF Trainer's convention)
     device: str = "cpu"
 
 
@@ -155,6 +156,20 @@ def save_state(path: Path, **state) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def _tracker(report_to: str, log_dir: Path | None, is_main: bool):
+    """A TensorBoard ``SummaryWriter`` for ``report_to: tensorboard`` (optional dependency), else None."""
+    if report_to in ("none", None) or not is_main or log_dir is None:
+        return None
+    if report_to != "tensorboard":
+        raise ValueError(f"training.report_to {report_to!r}; accepted: none, tensorboard")
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise ValueError("training.report_to: tensorboard needs the tensorboard package: "
+                         "pip install -e '.[tensorboard]'") from exc
+    return SummaryWriter(log_dir=str(log_dir))
 
 
 def disable_dropout(model) -> None:
@@ -258,6 +273,8 @@ def train(
             return f"the last checkpoint ({state_path}, step {torch.load(state_path, weights_only=False)['result'].steps}) is kept"
         return "no checkpoint was written (training.checkpoint_every is 0 or no checkpoint step was reached)"
 
+    tracker = _tracker(cfg.report_to, state_path.parent / "tensorboard" if state_path is not None else None,
+                       group.is_main)
     model = group.wrap(student)  # DDP (or FSDP / DeepSpeed per the accelerate config) when distributed
     bar = tqdm(total=cfg.max_steps, initial=result.steps, desc=name, disable=not (progress and group.is_main),
                dynamic_ncols=True)
@@ -321,6 +338,12 @@ def train(
             result.curve.append((result.steps, round(step_loss, 6)))
             result.parts.append((result.steps, {k: round(v, 6) for k, v in step_parts.items()}))
             bar.set_postfix(loss=f"{step_loss:.4f}")
+            if tracker is not None:
+                tracker.add_scalar("train/loss", step_loss, result.steps)
+                for k, v in step_parts.items():
+                    tracker.add_scalar(f"train/loss_{k}", v, result.steps)
+                tracker.add_scalar("train/learning_rate", scheduler.get_last_lr()[0], result.steps)
+                tracker.flush()
             if group.is_main:
                 elapsed = timings["train_time_s"]
                 done = result.steps - result.resumed_from
@@ -333,6 +356,8 @@ def train(
         if cfg.checkpoint_every and result.steps % cfg.checkpoint_every == 0 and result.steps < cfg.max_steps:
             checkpoint()
     bar.close()
+    if tracker is not None:
+        tracker.close()
     timings["train_time_s"] = time.perf_counter() - t_start
     timings["cpu_time_s"] = time.process_time() - cpu_start
     group.barrier()

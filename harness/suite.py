@@ -36,6 +36,8 @@ _TRAIN_LIMITS = {
     "max_new_tokens": dict(ge=1, help="sampling budget of the modes that generate (null: up to max_length)"),
     "checkpoint_every": dict(ge=0, help="optimizer steps between resumable checkpoints (0: none)"),
     "log_every": dict(ge=1, help="optimizer steps between logged losses"),
+    "report_to": dict(choices=("none", "tensorboard"), help="live training curves: tensorboard writes "
+                      "<run dir>/tensorboard (pip install -e '.[tensorboard]'; tensorboard --logdir work/<suite>/runs)"),
 }
 TRAIN_FIELDS = {
     name: Field((int, type(None)) if name in ("chunk_size", "max_new_tokens") else (type(default),), default,
@@ -56,20 +58,20 @@ MODEL_SCHEMA = {
 }
 
 DATA_SCHEMA = {
-    "kind": Field((str,), "tiny", choices=("tiny", "instruct")),
-    "seed": Field((int,), 0),
+    "kind": Field((str,), "tiny", choices=("tiny", "instruct"), help="tiny: generated here; instruct: files or Hub"),
+    "seed": Field((int,), 0, help="tiny: seed of the data generator"),
     "prompt_style": Field((str,), "alpaca", choices=("alpaca", "short"), help="tiny: prompt template"),
     "sizes": Field((dict,), None, help="tiny: {train, valid, test} item counts"),
     "train": Field((dict,), None, help="instruct: {path: file.jsonl} or {hub: id, split: name}"),
-    "valid": Field((dict,), None),
-    "test": Field((dict,), None),
+    "valid": Field((dict,), None, help="instruct: the validation set (adaptive modes, model selection)"),
+    "test": Field((dict,), None, help="instruct: unused (evaluation sets are under evaluation.sets)"),
     "max_train_items": Field((int, type(None)), None),
 }
 
 TOKENIZER_SCHEMA = {
     "vocab_size": Field((int,), 1000, ge=16, help="size of a tokenizer trained on the training data"),
     "path": Field((str,), None, help="use a saved tokenizer (local dir) instead"),
-    "hub": Field((str,), None),
+    "hub": Field((str,), None, help="a tokenizer's Hugging Face hub id (needs a network)"),
 }
 
 EVAL_SCHEMA = {
@@ -102,25 +104,25 @@ LM_EVAL_TASK_SCHEMA = {
 }
 
 SUITE_SCHEMA = {
-    "suite": Field((str,), required=True),
-    "description": Field((str,), ""),
+    "suite": Field((str,), required=True, help="the suite's name (work/<suite>, results/<suite>)"),
+    "description": Field((str,), "", help="what the comparison is, in a sentence or two"),
     "workdir": Field((str,), None, help="intermediate artefacts (default work/<suite>)"),
     "results": Field((str,), None, help="published tables and plots (default results/<suite>)"),
-    "recipes_dir": Field((str,), "recipes"),
+    "recipes_dir": Field((str,), "recipes", help="directory of recipe files, relative to where you run"),
     "recipes": Field((list, type(None)), None, help="recipe names; null = every recipe in recipes_dir"),
-    "baseline": Field((str,), "sft"),
-    "seeds": Field((list,), [1, 2, 3]),
+    "baseline": Field((str,), "sft", help="the recipe every other is compared with (paired differences)"),
+    "seeds": Field((list,), [1, 2, 3], min_len=1, help="training seeds: the initial student and data order"),
     "device": Field((str,), "auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps"),
     "num_processes": Field((int,), 1, ge=1, help="processes per distill run (accelerate launch when > 1)"),
     "threads_per_job": Field((int,), 1, ge=1, help="torch CPU threads per job"),
     "teacher_cache": Field((dict, type(None)), None, help="{mode: exact | sparse, top_k, dtype, batch_size}"),
     "origin": Field((str,), None, help="(written by the Snakefile) the suite file this resolved copy came from"),
-    "data": Field((dict,), required=True),
-    "tokenizer": Field((dict,), None),
-    "teacher": Field((dict,), required=True),
-    "student": Field((dict,), required=True),
-    "training": Field((dict,), None),
-    "evaluation": Field((dict,), required=True),
+    "data": Field((dict,), required=True, help="training data (see data:)"),
+    "tokenizer": Field((dict,), None, help="trained here, or a saved one (see tokenizer:)"),
+    "teacher": Field((dict,), required=True, help="the teacher model (see teacher:)"),
+    "student": Field((dict,), required=True, help="the initial student (see student:)"),
+    "training": Field((dict,), None, help="budgets shared by every recipe (see training:)"),
+    "evaluation": Field((dict,), required=True, help="evaluation sets and protocol (see evaluation:)"),
 }
 
 

@@ -13,17 +13,19 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = shutil.which("snakemake") or str(Path(sys.executable).parent / "snakemake")
 
 
 def _env():
+    """No activated environment: the venv's bin directory is NOT on PATH (the Snakefile must not need it)."""
     env = dict(os.environ, PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1")
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    venv_bin = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p != venv_bin)
     return env
 
 
 def snakemake(*args, cwd=REPO, check=True):
-    out = subprocess.run([SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True, env=_env(), timeout=1500)
+    out = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=cwd, capture_output=True, text=True,
+                         env=_env(), timeout=1500)
     if check and out.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}")
     return out
@@ -38,11 +40,13 @@ def smoke_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_smoke_suite_publishes_a_leaderboard(smoke_run):
+def test_smoke_suite_writes_a_leaderboard_under_work_only(smoke_run):
     tmp, _ = smoke_run
-    results = tmp / "results"
-    for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.html", "leaderboard.tex",
-                 "plots/scores.png", "plots/pareto.png", "plots/heatmap.png", "plots/training_curves.png"):
+    results = tmp / "work" / "leaderboard"
+    assert not (tmp / "results").exists(), "a run must not write the published results"
+    for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.html", "leaderboard.tex", "scores.csv",
+                 "provenance.json", "plots/scores.png", "plots/pareto.png", "plots/heatmap.png",
+                 "plots/training_curves.png"):
         assert (results / name).stat().st_size > 0, name
     rows = {r["Recipe"]: r for r in csv.DictReader((results / "leaderboard.csv").open())}
     assert {"sft", "fkl", "srkl"} <= set(rows)
@@ -57,10 +61,34 @@ def test_smoke_suite_publishes_a_leaderboard(smoke_run):
     for seed in (1, 2):
         tokens = {r["costs"]["tokens"] for r in runs if r["seed"] == seed}
         assert len(tokens) == 1, "recipes of one seed must see exactly the same tokens"
+    prov = json.loads((results / "provenance.json").read_text())
+    for key in ("code_digest", "plan_digest", "libraries", "machine", "git_rev"):
+        assert key in prov, key
+    assert "code_digest" in (results / "leaderboard.md").read_text()  # the stamp is on the table
     record = json.loads((tmp / "work" / "records" / "fkl" / "seed1" / "test.json").read_text())
     for key in ("rougeL", "exact_match", "ece", "top1_agreement", "kl_to_teacher", "lm_eval/smoke_mc/acc"):
         assert key in record["metrics"], key
     assert record["costs"]["train_time_s"] > 0 and record["git_rev"] is not None
+
+
+@pytest.mark.slow
+def test_publish_then_check_reports_reproduced(smoke_run):
+    tmp, overrides = smoke_run
+    cfg = tmp / "smoke-published.yaml"
+    import yaml
+
+    d = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
+    d.update(workdir=str(tmp / "work"), results=str(tmp / "results"), origin="config/smoke.yaml")
+    cfg.write_text(yaml.safe_dump(d))
+    run = lambda *a: subprocess.run([sys.executable, "-m", "harness.cli", *a, "--config", str(cfg)], cwd=tmp,
+                                    capture_output=True, text=True, env=_env(), timeout=300)
+    before = run("check")
+    assert before.returncode == 1 and "nothing published" in before.stdout
+    out = run("publish")
+    assert out.returncode == 0, out.stderr
+    assert (tmp / "results" / "leaderboard.md").read_text() == (tmp / "work" / "leaderboard" / "leaderboard.md").read_text()
+    out = run("check")
+    assert out.returncode == 0 and "current:" in out.stdout and "reproduced: all" in out.stdout, out.stdout
 
 
 @pytest.mark.slow
@@ -77,8 +105,9 @@ def test_report_is_an_html_file_with_the_plots(smoke_run):
     assert (tmp / "report.html").stat().st_size > 10_000
 
 
-def test_dry_run_plans_the_tiny_suite():
-    out = snakemake("-n", "--configfile", "config/tiny.yaml", "--config", "workdir=/tmp/distillbench-plan",
-                    "results=/tmp/distillbench-plan-results")
+def test_dry_run_plans_the_tiny_suite(tmp_path):
+    out = snakemake("-n", "--configfile", "config/tiny.yaml", "--config", f"workdir={tmp_path / 'plan'}",
+                    f"results={tmp_path / 'plan-results'}")
     text = out.stdout + out.stderr
-    assert "distill" in text and "evaluate" in text and "publish" in text
+    assert "distill" in text and "evaluate" in text and "leaderboard" in text
+    assert "gpu=1" not in text or __import__("torch").cuda.is_available()  # a CPU machine asks for no GPU

@@ -416,3 +416,14 @@ def test_a_step_dies_with_its_job_shell(tmp_path):
         os.kill(child, signal.SIGKILL)
         pytest.fail("the step outlived its job's shell")
     assert "CLI = f\"exec {sys.executable} -m harness.cli" in (REPO / "Snakefile").read_text()
+
+
+def test_reference_page_is_generated_from_the_schemas():
+    """docs/reference.md lists every key with type, default and meaning, and is what the generator writes."""
+    from harness.docs import reference
+
+    assert (REPO / "docs" / "reference.md").read_text() == reference(), "run: python -m harness.docs > docs/reference.md"
+    text = reference()
+    for key in ("`training.learning_rate`", "`loss[].weight`", "`reference.deviations`", "`teacher_cache.mode`",
+                "`evaluation.lm_eval.tasks[].set`", "`dropout`"):
+        assert key in text, key
