@@ -61,13 +61,13 @@ def sample_rows(model, prompts: Sequence[Sequence[int]], *, eos_id: int, pad_id:
         attention_mask[b, width - len(p):] = 1
     generation = GenerationConfig(
         do_sample=True, num_beams=1, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-        min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0,
-        no_repeat_ngram_size=0, min_new_tokens=0, max_new_tokens=budget, eos_token_id=eos_id, pad_token_id=pad_id,
-        use_cache=True,
+        max_new_tokens=budget, eos_token_id=eos_id, pad_token_id=pad_id, use_cache=True,
     )
     device = next(model.parameters()).device
-    was_training = model.training
+    was_training, shipped = model.training, getattr(model, "generation_config", None)
     model.eval()
+    # generate() fills every field we leave unset from model.generation_config: swap in the library defaults
+    model.generation_config = GenerationConfig()
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
@@ -75,6 +75,7 @@ def sample_rows(model, prompts: Sequence[Sequence[int]], *, eos_id: int, pad_id:
                                  generation_config=generation)
     finally:
         model.train(was_training)
+        model.generation_config = shipped
     new = out[:, width:].cpu().tolist()
     rows = []
     for p, sample in zip(prompts, new):
