@@ -48,10 +48,12 @@ def reference() -> str:
             "### A term of `loss:`", "", *_table(recipes.TERM_SCHEMA, "loss[]."), "",
             "### `reference:` (the method card)", "", *_table(recipes.REFERENCE_SCHEMA, "reference."), "",
             "## Training modes (`mode`, `mode_params`)", ""]
-    mode_names = modes.available() if hasattr(modes, "available") else list(recipes.MODE_PARAMS)
-    for name in mode_names:
-        params = modes.params(name) if hasattr(modes, "params") else recipes.MODE_PARAMS[name]
-        out += [f"### `{name}`", "", *(_table(params, "mode_params.") if params else ["(no parameters)"]), ""]
+    for name in modes.available():
+        if not modes.get(name).__module__.startswith("harness."):
+            continue  # a user's mode registered in this process
+        params = modes.params(name)
+        out += [f"### `{name}`", "", modes.card(name).split("\n")[0] if hasattr(modes, "card") else "", "",
+                *(_table(params, "mode_params.") if params else ["(no parameters)"]), ""]
     out += ["## Objectives (`objective`, `params`)", "", "| id | kind | parameters (default) | summary |",
             "|---|---|---|---|"]
     for name in objectives.available():

@@ -136,6 +136,18 @@ class Recipe:
         """False for pure SFT (only ``ce`` terms): its runs need no teacher forward at all."""
         return any(objectives.spec(t.objective).needs_teacher and t.weight != 0 for t in self.terms)
 
+    @property
+    def base_dir(self) -> Path | None:
+        """The recipe's folder (a ``file.py:Class`` mode or ``module:function`` objective resolves against it)."""
+        return Path(self.path).resolve().parent if self.path else None
+
+    @property
+    def samples_student(self) -> bool:
+        """Whether the recipe's mode trains on student samples (then the teacher runs live on them)."""
+        from . import modes
+
+        return modes.needs_student_samples(self.mode, self.base_dir)
+
     def objective_ids(self) -> list[str]:
         return [t.objective for t in self.terms if t.weight != 0]
 
@@ -157,34 +169,6 @@ class Recipe:
         return {"name": self.name, "loss": [dict(t.__dict__) for t in self.terms], "mode": self.mode,
                 "mode_params": dict(self.mode_params), "dropout": self.dropout, "description": self.description,
                 "reference": dict(self.reference), "path": self.path}
-
-
-# TEMPORARY until the mode registry lands (harness.modes.params): the modes' parameters.
-MODE_PARAMS: dict[str, dict[str, Field]] = {
-    "off_policy": {},
-    "on_policy": {
-        "lmbda": Field((float,), 0.5, ge=0, le=1, help="probability that a batch's responses are student samples"),
-        "temperature": Field((float,), 0.9, gt=0, help="sampling temperature"),
-        "max_new_tokens": Field((int,), 128, ge=1, help="longest sampled response"),
-    },
-    "adaptive_off_policy": {
-        "buffer_capacity": Field((int,), 1000, ge=1, help="replay buffer size in samples"),
-        "threshold_step": Field((float,), 0.1, gt=0, le=1, help="rise of the threshold α_a"),
-        "loss_margin": Field((float,), 0.1, ge=0, help="validation-loss rise that triggers a threshold rise"),
-        "check_every": Field((int,), 20, ge=1, help="optimizer steps between validation-loss checks"),
-        "temperature": Field((float,), 1.0, gt=0, help="sampling temperature"),
-        "max_new_tokens": Field((int,), 128, ge=1, help="longest sampled response"),
-    },
-}
-
-
-def _mode_params_schema(mode: str, where: str) -> dict[str, Field]:
-    from . import modes
-
-    known = modes.available() if hasattr(modes, "available") else list(MODE_PARAMS)
-    if mode not in known:
-        raise ConfigError(f"{where}: key 'mode' has value {mode!r}; accepted values: {', '.join(known)}")
-    return modes.params(mode) if hasattr(modes, "params") else MODE_PARAMS[mode]
 
 
 def _terms(raw: dict, where: str) -> tuple[TermSpec, ...]:
@@ -222,7 +206,15 @@ def load_recipe(path: str | Path) -> Recipe:
     if name in ("teacher", "init"):
         raise ConfigError(f"{where}: recipe name {name!r} is reserved for the reference rows; choose another")
     terms = _terms(raw, where)
-    mode_params = check(raw["mode_params"] or {}, _mode_params_schema(raw["mode"], where), where, prefix="mode_params.")
+    from . import modes
+
+    if not isinstance(raw["mode"], str) or not raw["mode"]:
+        raise ConfigError(f"{where}: key 'mode' must be a training mode name; registered: {', '.join(modes.available())}")
+    try:
+        mode_params = modes.check_params(raw["mode"], raw["mode_params"] or {}, where, base_dir=path.parent)
+    except ConfigError as exc:
+        msg = str(exc)
+        raise ConfigError(msg if msg.startswith(where) else f"{where}: key 'mode': {msg}") from None
     reference = check(raw["reference"] or {}, REFERENCE_SCHEMA, where, prefix="reference.")
     recipe_dir = str(path.resolve().parent)
     if any(":" in t.objective for t in terms) and recipe_dir not in sys.path:

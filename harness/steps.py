@@ -26,7 +26,7 @@ from .distill import TrainConfig, TrainingFailed, TrainResult, batch_order, disa
 from .fingerprint import Fingerprints
 from .io import read_json, write_json_atomic
 from .models import build_tiny, check_same_tokenizer, load_model, resolve_device
-from .modes import batch_source, validation_loss
+from . import modes
 from .objectives import get as get_objective
 from .recipes import Recipe
 from .suite import Suite
@@ -256,7 +256,7 @@ def distill(suite: Suite, recipe: Recipe, seed: int, progress: bool = True) -> P
         check_same_tokenizer(load_tokenizer(teacher_source(suite)), tok)
         cached = cache_settings(suite) is not None and suite.cache_path.exists()
         # A cached off-policy run never needs the teacher's weights; other modes score student samples live.
-        live = None if cached and recipe.mode == "off_policy" else live_teacher(
+        live = None if cached and not recipe.samples_student else live_teacher(
             load_model(teacher_source(suite), device=device))
         if cached:
             from .teacher_cache import TeacherCache, cached_or_live
@@ -270,15 +270,17 @@ def distill(suite: Suite, recipe: Recipe, seed: int, progress: bool = True) -> P
     common = {"suite": suite.name, "recipe": recipe.name, "seed": seed, "fingerprint": fingerprint,
               "recipe_config": recipe.to_dict(), "loss": repr(loss), "train_config": cfg.__dict__, "device": device,
               "machine": machine(device), "git_rev": git_revision(), "versions": versions()}
-    source = batch_source(  # the training mode: reference batches, student samples or DistiLLM's replay
-        recipe.mode, recipe.mode_params, reference=reference_batches(suite, examples, tok.pad_token_id, seed),
-        student=student, tokenizer=tok, examples=examples, pad_id=tok.pad_token_id, seed=seed,
-        max_steps=cfg.max_steps, grad_accum=cfg.gradient_accumulation_steps, max_length=cfg.max_length,
-        val_loss=validation_loss(student, tok, load_jsonl(suite.data_path("valid"), name="valid")[:64],
-                                 pad_id=tok.pad_token_id, max_prompt_tokens=cfg.max_prompt_tokens,
-                                 max_length=cfg.max_length, batch_size=cfg.per_device_train_batch_size)
-        if recipe.mode == "adaptive_off_policy" else None,
+    valid_items = load_jsonl(suite.data_path("valid"), name="valid")[:64] if suite.data_path("valid").exists() else []
+    ctx = modes.ModeContext(  # what a training mode may use: reference batches, the student, budgets
+        reference=reference_batches(suite, examples, tok.pad_token_id, seed), student=student, tokenizer=tok,
+        pad_id=tok.pad_token_id, seed=seed, max_steps=cfg.max_steps, grad_accum=cfg.gradient_accumulation_steps,
+        world_size=int(os.environ.get("WORLD_SIZE", "1")), batch_size=cfg.per_device_train_batch_size,
+        n_train=len(examples), max_length=cfg.max_length, max_new_tokens=cfg.max_new_tokens,
+        val_loss=modes.validation_loss(student, tok, valid_items, pad_id=tok.pad_token_id,
+                                       max_prompt_tokens=cfg.max_prompt_tokens, max_length=cfg.max_length,
+                                       batch_size=cfg.per_device_train_batch_size) if valid_items else None,
     )
+    source = modes.build(recipe.mode, recipe.mode_params, ctx, base_dir=recipe.base_dir)
     try:
         result: TrainResult = train(
             student, source, cfg, seed=seed, loss=loss, teacher_logits=teacher_fn, state_path=out / "state.pt",

@@ -42,6 +42,7 @@ import yaml
 from harness import cli, objectives, steps
 from harness.data.tokenizer import load_tokenizer, train_tokenizer
 from harness.distill import TrainConfig, TrainingDiverged, train
+from harness.fingerprint import Fingerprints
 from harness.io import read_json, write_json_atomic
 from harness.models import ModelError, align_vocab, build_tiny, check_same_tokenizer
 from harness.modes import batch_source
@@ -233,7 +234,7 @@ BAD_RECIPES = {
     "no_such_function": ("objective: json:no_such_fn\n", ["key 'objective'", "has no function 'no_such_fn'"]),
     "unknown_param": ("objective: skl\nparams: {alhpa: 0.2}\n", ["key 'params'", "alhpa", "accepted: alpha"]),
     "unknown_mode": ("objective: fkl\nmode: online\n", ["'mode'", "'online'",
-                                                        "accepted values: off_policy, on_policy, adaptive_off_policy"]),
+                                                        "registered modes: adaptive_off_policy, off_policy, on_policy"]),
     "unknown_mode_param": ("objective: fkl\nmode: on_policy\nmode_params: {lambda: 0.5}\n",
                            ["'mode_params.lambda'", "lmbda"]),
     "not_yaml": ("objective: [fkl\n", ["not valid YAML at line 1, column 12", "flow sequence"]),
@@ -458,22 +459,25 @@ def test_nan_run_marked_failed_and_never_published(base, tmp_path, capsys, caplo
     assert run_cli(["evaluate", "--config", str(suite_file), "--target", "nanfkl", "--seed", "1"], capsys)[0] == 0
     failed_record = read_json(steps.record_path(suite, "nanfkl", SEED, "test"))
     assert failed_record["status"] == "failed" and failed_record["metrics"] == {}
+    fingerprints = Fingerprints(suite)
     for i, recipe in enumerate(("sft", "fkl")):  # two finished runs, written as evaluate writes them
         write_json_atomic(steps.record_path(suite, recipe, SEED, "test"), {
             "suite": suite.name, "recipe": recipe, "seed": SEED, "eval_set": "test", "role": "student",
+            "fingerprint": fingerprints.record(recipe, SEED),
             "status": "ok", "error": None, "metrics": {"rougeL": 20.0 + i, "kl_to_teacher": 0.5 - 0.1 * i},
             "costs": {"train_time_s": 1.0 + i}})
-    assert run_cli(["publish", "--config", str(suite_file)], capsys)[0] == 0
-    md = (suite.results / "leaderboard.md").read_text()
+    assert run_cli(["leaderboard", "--config", str(suite_file)], capsys)[0] == 0
+    board = suite.leaderboard_dir
+    md = (board / "leaderboard.md").read_text()
     table = [ln for ln in md.splitlines() if ln.startswith("|")]
     row = [ln for ln in table if "nanfkl" in ln]
     assert len(row) == 1 and "failed" in row[0]
     assert not any(re.search(r"\b(nan|inf)\b", ln, re.IGNORECASE) for ln in table), "\n".join(table)
-    rows = {r["Recipe"]: r for r in csv.DictReader(io.StringIO((suite.results / "leaderboard.csv").read_text()))}
+    rows = {r["Recipe"]: r for r in csv.DictReader(io.StringIO((board / "leaderboard.csv").read_text()))}
     assert rows["nanfkl"]["Status"] == "failed" and rows["nanfkl"]["Failed runs"] == "1"
     assert all(v == "" for k, v in rows["nanfkl"].items() if k.endswith((" mean", " ci_low", " ci_high")))
     assert not any(v.strip().lower() in ("nan", "inf", "-inf") for r in rows.values() for v in r.values())
-    problems = read_json(suite.results / "report_problems.json")
+    problems = read_json(board / "report_problems.json")
     assert [(r["recipe"], r["seed"]) for r in problems["failed_runs"]] == [("nanfkl", SEED)]
     assert "step 5" in problems["failed_runs"][0]["failure"]
     missing = {(r["recipe"], r["seed"]) for r in problems["missing_runs"]}
