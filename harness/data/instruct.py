@@ -577,7 +577,7 @@ def prepare_instruct_data(data: Mapping, eval_specs: Sequence[Mapping], out_dir:
         spec = check_set_spec(raw, where, f"evaluation.sets[{i}]")
         if spec["split"] is None:
             evals[_eval_label(i, spec["name"])] = load_set(spec, where=where, key=f"evaluation.sets[{i}]")
-    check_no_overlap({f"data.{s}": loaded[s] for s in ("valid", "test") if s in loaded}, evals, where=where)
+    check_no_overlap({"data.valid": loaded["valid"]} if "valid" in loaded else {}, evals, where=where)
     for label, items in evals.items():
         n = len(find_overlap(loaded.get("train", []), items))
         if n:
