@@ -320,7 +320,8 @@ def test_select_limit_expect_items(tmp_path):
     assert take(select={"start": 9, "stop": 50}) == ["q9"]
     ids = [it["id"] for it in load_set({"name": "r", "path": str(p), "select": {"start": 3}})]
     assert ids[:2] == ["r-00005", "r-00006"]  # ids keep the physical line number (line 4 is blank)
-    with pytest.raises(DataError, match=r"\(key 'data.train' of s.yaml\).*select.start is 10 but the file holds 10 rows"):
+    too_far = r"\(key 'data.train' of s.yaml\).*select.start is 10 but the file holds 10 rows"
+    with pytest.raises(DataError, match=too_far):
         load_set({"name": "r", "path": str(p), "select": {"start": 10}}, where="s.yaml", key="data.train")
     assert len(load_set({"name": "r", "path": str(p), "expect_items": 10})) == 10
     with pytest.raises(DataError, match="holds 4 items after select/limit, but 'expect_items' is 5"):

@@ -92,7 +92,8 @@ def replica_files() -> dict[str, dict[str, bytes]]:
         "MiniLLM/Vicuna": {"valid.jsonl": (INSTRUCT / "vicuna_valid.jsonl").read_bytes(), "valid.txt": b"x\n"},
         "MiniLLM/sinst": {f: (INSTRUCT / "sinst_valid.jsonl").read_bytes() if f.startswith("11_") else short_bucket
                           for f in HUB_LAYOUTS["MiniLLM/sinst"]},
-        "MiniLLM/uinst": {f: _lines(uinst) if f.startswith("11_") else short_bucket for f in HUB_LAYOUTS["MiniLLM/uinst"]},
+        "MiniLLM/uinst": {f: _lines(uinst) if f.startswith("11_") else short_bucket
+                          for f in HUB_LAYOUTS["MiniLLM/uinst"]},
     }
 
 
@@ -195,7 +196,8 @@ def test_hub_errors_name_the_cause(monkeypatch):
     with pytest.raises(DataError) as e:
         load_set({"name": "d", "hub": "MiniLLM/dolly", "file": "test.jsonl"}, where="s.yaml", key="data.valid")
     msg = str(e.value)
-    assert "the repository has no such file (MiniLLM/dolly holds raw.jsonl" in msg and "files, not dataset splits" in msg
+    assert "the repository has no such file (MiniLLM/dolly holds raw.jsonl" in msg
+    assert "files, not dataset splits" in msg
 
     def down(**kwargs):
         raise ConnectionError("network unreachable")

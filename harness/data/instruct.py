@@ -78,7 +78,7 @@ SET_SCHEMA = {
         "required in evaluation.sets, defaults to the key (train, valid) under data")),
     "path": Field((str, _NONE), None, min_len=1, help=(
         "a local JSON-lines file, or a local copy of a Hub repository (a directory, with 'file' naming the "
-        "file in it, e.g. made by `huggingface-cli download MiniLLM/dolly --repo-type dataset --local-dir "
+        "file in it, e.g. made by `hf download MiniLLM/dolly --repo-type dataset --local-dir "
         "DIR`); relative paths resolve against the working directory; give either 'path' or 'hub'")),
     "hub": Field((str, _NONE), None, min_len=1, help=(
         "a Hugging Face dataset repository id, e.g. MiniLLM/dolly; 'file' is downloaded with "
@@ -176,8 +176,11 @@ def normalize_record(raw: Any, *, name: str, source: str, line: int, list_output
     that turned it on, for the error message). ``answers`` gets the list, ``output`` its first element.
     For a string ``output``, a row's own ``answers`` list (files written from schema items) is kept.
     ``template`` (:data:`TEMPLATES`) decides the prompt: ``file`` keeps the row's ``prompt`` with
-    ``"<n>"`` replaced by a newline (MiniLLM's evaluation loader) and builds the Alpaca prompt when the
-    row has none; ``alpaca`` / ``minillm-qwen2`` always build it from ``instruction`` and ``input``.
+    ``"<n>"`` replaced by a newline (MiniLLM's evaluation loader,
+    microsoft/LMOps@4f2a9deb5f08e459fd44c2e4792344d78ca89fc3 minillm/data_utils/prompt_datasets.py
+    ``PromptDataset.load_data_json``) and builds the Alpaca prompt
+    when the row has none (MiniLLM's training data, built from instruction and input in
+    tools/process_data_dolly.py); ``alpaca`` / ``minillm-qwen2`` always build it.
     """
     if not isinstance(raw, dict):
         raise DataError(source, f"line is a JSON {type(raw).__name__}, not an object", line=line,
@@ -329,9 +332,9 @@ def check_set_spec(spec: Any, where: str = "<suite config>", key: str = "set", *
                           "dataset repository, with 'file') or 'split' (the suite's own generated split)")
     if out["hub"] is not None and out["split"] is not None:
         raise ConfigError(
-            f"{where}: key '{key}.split': a Hub dataset repository of this protocol holds files, not splits, so "
-            f"'split: {out['split']}' matches nothing in {out['hub']}; name the file instead, e.g. 'file: "
-            f"valid.jsonl'{_hub_hint(out['hub'])}")
+            f"{where}: key '{key}.split': a 'hub' entry names a JSON-lines file of the repository, not a dataset "
+            f"split ('split: {out['split']}' would match no file of MiniLLM's repositories); replace it by "
+            f"'file', e.g. 'file: valid.jsonl'{_hub_hint(out['hub'])}")
     if len(sources) > 1:
         raise ConfigError(f"{where}: key {key!r} gives {' and '.join(repr(s) for s in sources)}; give exactly one "
                           "('path' for a local copy, 'hub' to download)")
@@ -378,7 +381,7 @@ def hub_file(repo: str, file: str, *, revision: str | None = None, local_only: b
             return None
         raise DataError(source, "not in the local Hugging Face cache, and the Hub cannot be reached (offline, "
                         f"HF_HUB_OFFLINE=1 or no network); or the repository has no such file{_hub_hint(repo)}",
-                        fix="run once with a network, or download the repository (`huggingface-cli download "
+                        fix="run once with a network, or download the repository (`hf download "
                             f"{repo} --repo-type dataset --local-dir DIR`) and give 'path: DIR' with the same "
                             "'file'") from None
     except RevisionNotFoundError:
@@ -409,7 +412,7 @@ def load_set(spec: Mapping, *, where: str = "<suite config>", key: str = "set", 
     downloading it. An entry with ``split`` (the suite's own split) must be resolved to its file first.
     Errors name the file, the suite key and the suite file (``where``).
     """
-    spec = check_set_spec(dict(spec), where, key, default_name=default_name)
+    spec = check_set_spec(dict(spec) if isinstance(spec, Mapping) else spec, where, key, default_name=default_name)
     name = spec["name"]
     if spec["split"] is not None:
         raise ConfigError(f"{where}: key '{key}.split' names the suite's own split {spec['split']!r}, which only "
@@ -419,7 +422,7 @@ def load_set(spec: Mapping, *, where: str = "<suite config>", key: str = "set", 
             path = hub_file(spec["hub"], spec["file"], revision=spec["revision"], local_only=local_only)
             if path is None:
                 return None
-            source = f"hub:{spec['hub']}/{spec['file']}"
+            source = f"hub:{spec['hub']}/{spec['file']}" + (f"@{spec['revision']}" if spec["revision"] else "")
         else:
             path = Path(spec["path"])
             if not path.is_absolute() and base_dir is not None:
