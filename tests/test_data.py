@@ -12,18 +12,23 @@ import pytest
 import torch
 
 from harness.data import (
+    SET_SCHEMA,
     DataError,
     build_prompt,
+    check_no_overlap,
+    check_set_spec,
     collate,
     collate_prompts,
     encode,
     epoch_order,
     filter_long_prompts,
+    find_overlap,
     generate_tiny,
     item_texts,
     iterate_batches,
     load_eval_set,
     load_jsonl,
+    load_set,
     load_tokenizer,
     num_batches,
     train_tokenizer,
@@ -33,6 +38,7 @@ from harness.data import (
 )
 from harness.data import tiny
 from harness.data.tiny import FAMILIES, KNOWLEDGE_FAMILIES, SEVERAL_ANSWER_FAMILIES
+from harness.schema import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DISTILLBENCH_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -215,14 +221,38 @@ def test_sinst_answers_are_lists():
     assert any(len(it["answers"]) > 1 for it in items)
 
 
-def test_list_output_as_string(tmp_path):
+def test_list_output_is_explicit(tmp_path):
+    row = {"instruction": "i", "output": json.dumps(["a", "b"])}
     p = tmp_path / "my_sinst.jsonl"
-    p.write_text(json.dumps({"instruction": "i", "output": json.dumps(["a", "b"])}) + "\n")
-    (it,) = load_jsonl(p)
+    p.write_text(json.dumps(row) + "\n")
+    assert load_jsonl(p)[0]["answers"] == ['["a", "b"]']  # off by default, whatever the name says (MiniLLM)
+    (it,) = load_jsonl(p, list_output=True)
     assert it["answers"] == ["a", "b"] and it["output"] == "a"
-    q = tmp_path / "plain.jsonl"
-    q.write_text(json.dumps({"instruction": "i", "output": '["a"]'}) + "\n")
-    assert load_jsonl(q)[0]["answers"] == ['["a"]']  # only S-NI-like sets parse strings
+    q = tmp_path / "uinst_valid.jsonl"  # issue 16: a text answer "[]" in an UnNI-like set is one reference
+    q.write_text(json.dumps({"instruction": "i", "output": "[]"}) + "\n")
+    assert load_jsonl(q)[0]["answers"] == ["[]"]
+    r = tmp_path / "real_list.jsonl"  # a JSON list in the file is a list of references, always
+    r.write_text(json.dumps({"instruction": "i", "output": ["x", "y"]}) + "\n")
+    assert load_jsonl(r)[0]["answers"] == ["x", "y"]
+
+
+def test_list_output_error_names_the_setting_and_the_way_out(tmp_path):
+    p = tmp_path / "u.jsonl"
+    p.write_text(json.dumps({"instruction": "i", "output": "ok"}) + "\n" +
+                 json.dumps({"instruction": "j", "output": "[]"}) + "\n")
+    spec = {"name": "uinst", "path": str(p), "list_output": True}
+    with pytest.raises(DataError) as e:
+        load_set(spec, where="config/mine.yaml", key="evaluation.sets[4]")
+    msg = str(e.value)
+    assert "line 2, field 'output'" in msg and "\n" not in msg
+    assert "because list_output is on ('list_output: true' in key 'evaluation.sets[4]' of config/mine.yaml)" in msg
+    assert "set 'list_output: false' in that entry" in msg
+    p.write_text(json.dumps({"instruction": "i", "output": "[not json"}) + "\n")
+    with pytest.raises(DataError, match="does not parse.*because list_output is on.*list_output: false"):
+        load_set(spec, where="config/mine.yaml", key="evaluation.sets[4]")
+    p.write_text(json.dumps({"instruction": "i", "output": []}) + "\n")
+    with pytest.raises(DataError, match="a list stored in the file is always read as the item's references"):
+        load_set({**spec, "list_output": False}, where="config/mine.yaml", key="evaluation.sets[4]")
 
 
 @needs_shared
@@ -233,30 +263,174 @@ def test_load_eval_set_local(tmp_path):
     assert len(rel) == 1694
 
 
-def test_load_eval_set_hub_offline(monkeypatch):
-    datasets = pytest.importorskip("datasets")
+def test_set_schema_documents_every_key():
+    assert set(SET_SCHEMA) == {"name", "path", "hub", "file", "revision", "split", "select", "limit",
+                               "expect_items", "list_output", "template"}
+    for key, field in SET_SCHEMA.items():
+        assert len(field.help) > 40, key  # the reference page is generated from these
+    assert SET_SCHEMA["list_output"].default is False
 
-    def offline(*a, **k):
-        raise ConnectionError("no network")
 
-    monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(DataError) as e:
-        load_eval_set({"name": "dolly", "hub": "MiniLLM/dolly", "split": "test"})
+@pytest.mark.parametrize("entry, words", [
+    ({"name": "x"}, ["key 'evaluation.sets[1]' needs one of 'path'"]),
+    ({"name": "x", "path": "a.jsonl", "hub": "MiniLLM/dolly", "file": "raw.jsonl"}, ["gives 'path' and 'hub'"]),
+    ({"name": "x", "hub": "MiniLLM/sinst", "split": "test"}, ["evaluation.sets[1].split", "holds 0_2/valid.jsonl"]),
+    ({"name": "x", "path": "a.jsonl", "revision": "main"}, ["'evaluation.sets[1].revision' applies to a 'hub'"]),
+    ({"name": "x", "split": "test", "select": {"stop": 3}}, ["'evaluation.sets[1].select' applies to a file"]),
+    ({"name": "x", "path": "a.jsonl", "select": {"start": 5, "stop": 5}}, ["takes no row (start 5 >= stop 5)"]),
+    ({"name": "x", "path": "a.jsonl", "select": {"first": 5}}, ["unknown key 'evaluation.sets[1].select.first'"]),
+    ({"name": "x", "path": "a.jsonl", "select": {"start": -1}}, ["'evaluation.sets[1].select.start' must be >= 0"]),
+    ({"name": "x", "path": "a.jsonl", "limit": 0}, ["'evaluation.sets[1].limit' must be >= 1"]),
+    ({"name": "x", "path": "a.jsonl", "list_output": "yes"}, ["'evaluation.sets[1].list_output' must be true/false"]),
+    ({"name": "x", "path": "a.jsonl", "template": "chatml"}, ["accepted values: file, alpaca, minillm-qwen2"]),
+    ({"name": "x", "path": "a.jsonl", "splt": "test"}, ["unknown key 'evaluation.sets[1].splt'"]),
+    ({"path": "a.jsonl"}, ["missing required key 'evaluation.sets[1].name'"]),
+    ("dolly.jsonl", ["key 'evaluation.sets[1]' must be a mapping"]),
+])
+def test_set_spec_errors_are_one_line_with_file_and_key(entry, words):
+    with pytest.raises(ConfigError) as e:
+        check_set_spec(entry, "config/mine.yaml", "evaluation.sets[1]")
     msg = str(e.value)
-    assert "MiniLLM/dolly" in msg and "offline" in msg and "path" in msg
+    assert msg.startswith("config/mine.yaml: ") and "\n" not in msg
+    for w in words:
+        assert w in msg, (w, msg)
 
 
-def test_load_eval_set_hub_rows(monkeypatch):
-    datasets = pytest.importorskip("datasets")
-    rows = [{"instruction": "Name a fruit.", "input": "", "output": '["apple", "pear"]'}]
-    monkeypatch.setattr(datasets, "load_dataset", lambda hub, split: rows)
-    (it,) = load_eval_set({"name": "sinst", "hub": "MiniLLM/sinst", "split": "test"})
-    assert it["answers"] == ["apple", "pear"] and it["prompt"] == build_prompt("Name a fruit.")
+def test_set_spec_defaults_and_idempotence():
+    spec = check_set_spec({"path": "a.jsonl", "select": {"stop": 9}}, "s.yaml", "data.valid", default_name="valid")
+    assert spec["name"] == "valid" and spec["select"] == {"start": 0, "stop": 9}
+    assert spec["list_output"] is False and spec["template"] == "file" and spec["limit"] is None
+    assert check_set_spec(spec, "s.yaml", "data.valid") == spec
 
 
-def test_load_eval_set_bad_spec():
-    with pytest.raises(DataError, match="neither 'path' nor 'hub'"):
-        load_eval_set({"name": "x"})
+def _write_rows(path, n, **extra):
+    rows = [{"instruction": f"q{i}", "output": f"a{i}", **extra} for i in range(n)]
+    path.write_text("\n".join(json.dumps(r) for r in rows[:3]) + "\n\n" +  # a blank line: rows != lines
+                    "".join(json.dumps(r) + "\n" for r in rows[3:]))
+    return rows
+
+
+def test_select_limit_expect_items(tmp_path):
+    p = tmp_path / "raw.jsonl"
+    _write_rows(p, 10)
+    take = lambda **kw: [it["instruction"] for it in load_set({"name": "r", "path": str(p), **kw})]  # noqa: E731
+    assert take(select={"stop": 4}) == ["q0", "q1", "q2", "q3"]          # rows, not physical lines
+    assert take(select={"start": 4}) == [f"q{i}" for i in range(4, 10)]
+    assert take(select={"start": 2, "stop": 5}, limit=2) == ["q2", "q3"]  # select first, then limit
+    assert take(select={"start": 9, "stop": 50}) == ["q9"]
+    ids = [it["id"] for it in load_set({"name": "r", "path": str(p), "select": {"start": 3}})]
+    assert ids[:2] == ["r-00005", "r-00006"]  # ids keep the physical line number (line 4 is blank)
+    too_far = r"\(key 'data.train' of s.yaml\).*select.start is 10 but the file holds 10 rows"
+    with pytest.raises(DataError, match=too_far):
+        load_set({"name": "r", "path": str(p), "select": {"start": 10}}, where="s.yaml", key="data.train")
+    assert len(load_set({"name": "r", "path": str(p), "expect_items": 10})) == 10
+    with pytest.raises(DataError, match="holds 4 items after select/limit, but 'expect_items' is 5"):
+        load_set({"name": "r", "path": str(p), "select": {"stop": 4}, "expect_items": 5})
+
+
+def test_directory_with_file_and_file_without_directory(tmp_path):
+    (tmp_path / "11_").mkdir()
+    _write_rows(tmp_path / "11_" / "valid.jsonl", 4)
+    assert len(load_set({"name": "s", "path": str(tmp_path), "file": "11_/valid.jsonl"})) == 4
+    with pytest.raises(DataError, match="is a file, but 'file' names a file inside a directory"):
+        load_set({"name": "s", "path": str(tmp_path / "11_" / "valid.jsonl"), "file": "valid.jsonl"})
+
+
+def test_templates(tmp_path):
+    p = tmp_path / "t.jsonl"
+    rows = [{"instruction": "Say hi.", "input": "", "output": "hi", "prompt": "custom<n>prompt"},
+            {"instruction": "Add.", "input": "1 2", "output": "3"}]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    file_items = load_set({"name": "t", "path": str(p)})
+    assert file_items[0]["prompt"] == "custom\nprompt"  # the file's prompt; "<n>" read as a newline (MiniLLM)
+    assert file_items[1]["prompt"] == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n### Instruction:\nAdd.\n\n"
+        "### Input:\n1 2\n\n### Response:\n")
+    alpaca = load_set({"name": "t", "path": str(p), "template": "alpaca"})
+    assert alpaca[0]["prompt"] == ("Below is an instruction that describes a task. Write a response that "
+                                   "appropriately completes the request.\n\n### Instruction:\nSay hi.\n\n"
+                                   "### Response:\n")
+    qwen = load_set({"name": "t", "path": str(p), "template": "minillm-qwen2"})
+    # MiniLLM's qwen2 template, microsoft/LMOps@4f2a9deb minillm/tools/process_data_dolly.py
+    assert qwen[0]["prompt"] == ("<|im_start|>Below is an instruction that describes a task. Write a response "
+                                 "that appropriately completes the request.\n\n### Instruction:\nSay hi.\n\n"
+                                 "### Response:\n<|im_end|><|im_start|>Assistant:")
+    assert qwen[1]["prompt"].startswith("<|im_start|>Below is an instruction that describes a task, paired with")
+    assert qwen[1]["prompt"].endswith("### Input:\n1 2\n\n### Response:\n<|im_end|><|im_start|>Assistant:")
+
+
+# ---------------------------------------------------------------- leakage
+
+
+def _item(instruction, output, input="", answers=None, id="x"):  # noqa: A002
+    return {"id": id, "instruction": instruction, "input": input, "output": output,
+            "answers": answers or [output]}
+
+
+def test_find_overlap_by_content():
+    a = [_item("What is 2+2?", "Four."), _item("Name a fruit.", "apple"), _item("Q", "A", input="ctx")]
+    b = [_item("what  is 2+2? ", "four."),                   # case and whitespace differ: same item
+         _item("Name a fruit.", "pear", answers=["pear", "APPLE"]),  # shares one reference
+         _item("Q", "A", input="other"),                      # other input: another item
+         _item("Name a fruit.", "banana")]                    # same question, other answer: not an overlap
+    assert find_overlap(a, b) == [(0, 0), (1, 1)]
+    assert find_overlap(a, []) == [] and find_overlap([], b) == []
+
+
+@needs_shared
+def test_minillm_dev_and_test_files_do_not_overlap():
+    dev = load_jsonl(INSTRUCT / "dolly_dev.jsonl")
+    test = load_jsonl(INSTRUCT / "dolly_valid.jsonl")
+    assert find_overlap(dev, test) == []
+    # one question is in both, with different answers ("What is the meaning of life?"): not an overlap
+    same_q = [(i, j) for i, x in enumerate(dev) for j, y in enumerate(test) if x["prompt"] == y["prompt"]]
+    assert same_q == [(635, 183)]
+    assert len(find_overlap(test, test)) == 500
+    check_no_overlap({"data.valid": dev}, {"evaluation.sets[0] (dolly)": test}, where="s.yaml")
+    with pytest.raises(DataError) as e:
+        check_no_overlap({"data.valid": test[:10] + dev[:5]}, {"evaluation.sets[0] (dolly)": test}, where="s.yaml")
+    msg = str(e.value)
+    assert msg.startswith("s.yaml (key 'data.valid'): 10 item(s) of data.valid are also in evaluation.sets[0]")
+    assert "'dolly_valid-00001' = 'dolly_valid-00001'" in msg and "\n" not in msg
+
+
+# ---------------------------------------------------------------- MiniLLM's scoring
+
+
+@needs_shared
+def test_rouge_l_pinned_to_rouge_score_with_max_over_references():
+    """ROUGE-L as MiniLLM computes it (microsoft/LMOps@4f2a9deb minillm/rouge_metric.py): the library scorer
+    with Porter stemming, F-measure, max over an item's references, x 100, mean over items."""
+    from rouge_score import rouge_scorer
+
+    from harness.evaluation.text_metrics import minillm_response, rouge_l, rouge_l_per_item
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rng = random.Random(3)
+    dolly = load_jsonl(INSTRUCT / "dolly_valid.jsonl")[:40]
+    sinst = [it for it in load_jsonl(INSTRUCT / "sinst_valid.jsonl") if len(it["answers"]) > 1][:40]
+    items = dolly + sinst
+    preds = []
+    for it in items:  # perturbed references: dropped, swapped and upper-cased words, "<n>" line breaks
+        words = rng.choice(it["answers"]).split()
+        words = [w.upper() if rng.random() < 0.2 else w for w in words if rng.random() > 0.2]
+        if len(words) > 3:
+            k = rng.randrange(len(words) - 1)
+            words[k], words[k + 1] = words[k + 1], words[k]
+        preds.append(" <n>".join(words) if rng.random() < 0.3 else " ".join(words))
+    cleaned = [minillm_response(p) for p in preds]
+    expected = [100 * max(scorer.score(target=ref, prediction=p)["rougeL"].fmeasure for ref in it["answers"])
+                for p, it in zip(cleaned, items)]
+    got = rouge_l_per_item(cleaned, [it["answers"] for it in items])
+    assert got == pytest.approx(expected, abs=1e-12)
+    assert rouge_l(cleaned, [it["answers"] for it in items]) == pytest.approx(sum(expected) / len(expected))
+    assert len({round(x, 6) for x in expected}) > 20  # the perturbations really spread the scores
+    # "<n>" matters: the scorer keeps its "n" as a word, MiniLLM reads it as a newline before scoring
+    assert minillm_response(" a b<n>c ") == "a b\nc"
+    raw = 100 * scorer.score("a b c", "a b<n>c")["rougeL"].fmeasure
+    assert raw == pytest.approx(100 * 2 * (3 / 4) * 1 / (3 / 4 + 1))
+    assert rouge_l([minillm_response("a b<n>c")], [["a b c"]]) == pytest.approx(100.0)
 
 
 def _err(tmp_path, name, text):

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from harness.evaluation.metrics.rouge_l.rouge_core import rouge_l, rouge_l_item, rouge_l_per_item
 
 __all__ = [
+    "minillm_response",
     "normalize_answer",
     "is_valid",
     "exact_match",
@@ -32,6 +33,17 @@ __all__ = [
 
 _PUNCT_TABLE = str.maketrans("", "", string.punctuation)
 _WS = re.compile(r"\s+")
+
+
+def minillm_response(text: str) -> str:
+    """A generated response as MiniLLM scores it: the literal ``"<n>"`` read as a newline, then stripped.
+
+    MiniLLM (microsoft/LMOps@4f2a9deb5f08e459fd44c2e4792344d78ca89fc3 minillm/evaluate_main.py,
+    ``evaluate_main``) applies ``r.replace("<n>", "\\n").strip()`` to every decoded response before
+    ``compute_metrics``. It matters for ROUGE-L: the scorer's tokenizer keeps ``n`` of ``"<n>"`` as a word.
+    Apply it to every sample before any text metric.
+    """
+    return text.replace("<n>", "\n").strip()
 
 
 def normalize_answer(text: str) -> str:
