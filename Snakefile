@@ -77,7 +77,7 @@ rule all:
 
 
 rule data:
-    output: [W / "data" / f"{split}.jsonl" for split in ("train", "valid", "test")] if SUITE.data["kind"] == "tiny" else [W / "data" / "train.jsonl"]
+    output: [W / "data" / f"{split}.jsonl" for split in ("train", "valid", "test") if SUITE.data["kind"] == "tiny" or SUITE.data.get(split) is not None]
     params: fp=FP.data()
     log: W / "logs" / "data.log"
     shell: "{CLI} data {ARGS} > {log} 2>&1"

@@ -101,15 +101,12 @@ def prepare_data(suite: Suite) -> dict[str, Path]:
     out = suite.data_path("train").parent
     if suite.data["kind"] == "tiny":
         return write_tiny(out, seed=suite.data["seed"], sizes=suite.data["sizes"], prompt_style=suite.data["prompt_style"])
-    paths = {}
-    for split in ("train", "valid"):
-        spec = suite.data[split]
-        if spec is None:
-            continue
-        items = load_eval_set({"name": split, **spec})
-        if split == "train" and suite.data["max_train_items"]:
-            items = items[: suite.data["max_train_items"]]
-        paths[split] = write_jsonl_atomic(suite.data_path(split), items)
+    from .data.instruct import prepare_instruct_data
+
+    paths = prepare_instruct_data(suite.data, suite.evaluation["sets"], out, where=suite.origin)
+    if suite.data["max_train_items"]:
+        items = load_jsonl(paths["train"], name="train")[: suite.data["max_train_items"]]
+        paths["train"] = write_jsonl_atomic(suite.data_path("train"), items)
     return paths
 
 
@@ -164,7 +161,12 @@ def prepare_teacher(suite: Suite, progress: bool = True) -> Path:
     tok = load_tokenizer(suite.tokenizer_dir)
     entry = suite.teacher
     if _is_existing(entry) and not entry["pretrain"]:
-        write_json_atomic(marker, {"source": _model_source(entry, out), "trained_here": False})
+        # the model stays where it is (a pointer); its tokenizer is saved here so later steps need no download
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(_model_source(entry, out)).save_pretrained(str(out / "tokenizer"))
+        write_json_atomic(marker, {"source": _model_source(entry, out), "tokenizer": str(out / "tokenizer"),
+                                   "trained_here": False})
         return marker
     if _is_existing(entry):
         model = load_model(_model_source(entry, out), device=resolve_device(suite.device), dtype="float32")
@@ -180,6 +182,12 @@ def prepare_teacher(suite: Suite, progress: bool = True) -> Path:
 
 def teacher_source(suite: Suite) -> str:
     return read_json(suite.teacher_dir / "teacher.json")["source"]
+
+
+def teacher_tokenizer(suite: Suite):
+    """The teacher's tokenizer, from the local copy the teacher step made (never a download)."""
+    meta = read_json(suite.teacher_dir / "teacher.json")
+    return load_tokenizer(meta.get("tokenizer") or meta["source"])
 
 
 def init_student(suite: Suite, seed: int, progress: bool = True) -> Path:
@@ -253,7 +261,7 @@ def distill(suite: Suite, recipe: Recipe, seed: int, progress: bool = True) -> P
     loss = recipe.build_loss()
     teacher_fn = None
     if loss.needs_teacher:
-        check_same_tokenizer(load_tokenizer(teacher_source(suite)), tok)
+        check_same_tokenizer(teacher_tokenizer(suite), tok)
         cached = cache_settings(suite) is not None and suite.cache_path.exists()
         # A cached off-policy run never needs the teacher's weights; other modes score student samples live.
         live = None if cached and not recipe.samples_student else live_teacher(
@@ -325,7 +333,8 @@ def eval_set_spec(suite: Suite, spec: dict) -> dict:
 
 def eval_sets(suite: Suite) -> dict[str, list[dict]]:
     limit = suite.evaluation["max_items"]
-    return {spec["name"]: load_eval_set(eval_set_spec(suite, spec))[:limit] for spec in suite.evaluation["sets"]}
+    return {spec["name"]: load_eval_set(eval_set_spec(suite, spec), where=suite.origin, key=f"evaluation.sets[{i}]")[:limit]
+            for i, spec in enumerate(suite.evaluation["sets"])}
 
 
 def lm_eval_tasks(suite: Suite, sets: dict[str, list[dict]]) -> tuple[dict, dict]:

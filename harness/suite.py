@@ -62,7 +62,7 @@ DATA_SCHEMA = {
     "seed": Field((int,), 0, help="tiny: seed of the data generator"),
     "prompt_style": Field((str,), "alpaca", choices=("alpaca", "short"), help="tiny: prompt template"),
     "sizes": Field((dict,), None, help="tiny: {train, valid, test} item counts"),
-    "train": Field((dict,), None, help="instruct: {path: file.jsonl} or {hub: id, split: name}"),
+    "train": Field((dict,), None, help="instruct: a set entry {path | hub + file, select, ...} (see below)"),
     "valid": Field((dict,), None, help="instruct: the validation set (adaptive modes, model selection)"),
     "test": Field((dict,), None, help="instruct: unused (evaluation sets are under evaluation.sets)"),
     "max_train_items": Field((int, type(None)), None),
@@ -75,7 +75,7 @@ TOKENIZER_SCHEMA = {
 }
 
 EVAL_SCHEMA = {
-    "sets": Field((list,), required=True, min_len=1, help="list of {name, path | hub, split}"),
+    "sets": Field((list,), required=True, min_len=1, help="list of set entries {name, path | hub + file | split, ...}"),
     "seeds": Field((list,), [10, 20, 30, 40, 50], min_len=1, help="evaluation (sampling) seeds; the mean is reported"),
     "do_sample": Field((bool,), True, help="sample (MiniLLM's protocol) or decode greedily"),
     "temperature": Field((float,), 1.0, gt=0, help="sampling temperature"),
@@ -230,8 +230,16 @@ def load_suite(path: str | Path) -> Suite:
         for split in ("train", "valid", "test"):
             if split in sizes and (not isinstance(sizes[split], int) or isinstance(sizes[split], bool) or sizes[split] < 1):
                 raise ConfigError(f"{where}: key 'data.sizes.{split}' must be an integer >= 1, got {sizes[split]!r}")
+    from .data.instruct import check_set_spec
+
+    if data["kind"] == "instruct":
+        for split in ("train", "valid"):
+            if data[split] is not None:
+                check_set_spec(data[split], where, f"data.{split}", default_name=split)
     names = []
     for i, entry in enumerate(evaluation["sets"]):
+        if isinstance(entry, dict):
+            check_set_spec(entry, where, f"evaluation.sets[{i}]")
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
             raise ConfigError(f"{where}: key 'evaluation.sets[{i}]' must be a mapping with a non-empty 'name'")
         if entry["name"] in names:

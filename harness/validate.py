@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .data.errors import DataError
-from .data.instruct import load_eval_set
+from .data.instruct import check_data_plan
 from .recipes import discover
 from .schema import ConfigError
 from .suite import Suite
@@ -19,15 +19,6 @@ def _check_model_source(suite: Suite, role: str) -> None:
     if entry["path"] and not Path(entry["path"]).is_dir():
         raise ConfigError(f"{suite.origin}: key '{role}.path': directory {entry['path']!r} not found "
                           "(give a saved model directory, or 'hub:' with a network)")
-
-
-def _count_items(suite: Suite, spec: dict, key: str) -> int:
-    """Load one data set of the plan; a DataError keeps its file/line/field and also names the suite key."""
-    try:
-        return len(load_eval_set(spec))
-    except DataError as exc:
-        raise DataError(exc.source, f"{exc.problem} (data set of key {key!r} in {suite.origin})", line=exc.line,
-                        field=exc.field, fix=exc.fix) from exc
 
 
 def _recipe_line(name, recipe) -> str:
@@ -55,18 +46,8 @@ def validate_plan(suite: Suite, recipes_dir: str | None = None, check_data: bool
     for role in ("teacher", "student"):
         _check_model_source(suite, role)
     n_items = {}
-    if check_data:
-        if suite.data["kind"] == "instruct":
-            for split in ("train", "valid"):
-                spec = suite.data[split]
-                if spec is not None and spec.get("path"):
-                    n_items[split] = _count_items(suite, {"name": split, **spec}, f"data.{split}")
-            if "train" not in n_items and not (suite.data["train"] or {}).get("hub"):
-                raise ConfigError(f"{suite.origin}: key 'data.train' needs 'path' or 'hub' for kind 'instruct'")
-        for i, spec in enumerate(suite.evaluation["sets"]):
-            path = spec.get("path")
-            if path:
-                n_items[spec["name"]] = _count_items(suite, spec, f"evaluation.sets[{i}]")
+    if check_data:  # every set entry checked; local (and already cached Hub) files loaded; no validation/test overlap
+        n_items = check_data_plan(suite.data, suite.evaluation["sets"], where=suite.origin)
     runs = len(recipes) * len(suite.seeds)
     lines = [
         f"suite {suite.name!r} ({suite.origin}): OK",

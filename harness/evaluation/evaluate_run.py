@@ -39,6 +39,7 @@ from harness.evaluation.text_metrics import (
     coverage,
     distinct_n,
     exact_match,
+    minillm_response,
     normalize_answer,
     rouge_l,
     valid_rate,
@@ -121,8 +122,9 @@ def evaluate_model(
             # --- generation: one sample per item per seed (+ extra samples for coverage)
             t0 = time.perf_counter()
             per_seed = [
-                [s[0] for s in generate(model, tokenizer, prompts, seed=seed, **gen_cfg)] for seed in seeds
-            ]
+                [minillm_response(s[0]) for s in generate(model, tokenizer, prompts, seed=seed, **gen_cfg)]
+                for seed in seeds
+            ]  # MiniLLM scores a response after reading "<n>" as a newline and stripping it
             samples = [list(item_samples) for item_samples in zip(*per_seed)]  # [N][n_seeds]
             multi = [i for i, a in enumerate(answers) if len({normalize_answer(x) for x in a}) >= 2]
             extra = (n_coverage_samples or 0) - len(seeds)
@@ -132,7 +134,7 @@ def evaluate_model(
                     seed=seeds[0] + COVERAGE_SEED_OFFSET, num_return_sequences=extra, **gen_cfg,
                 )
                 for i, extra_samples in zip(multi, more):
-                    samples[i] = samples[i] + extra_samples
+                    samples[i] = samples[i] + [minillm_response(x) for x in extra_samples]
             metrics["generation_s"] = time.perf_counter() - t0
 
             # --- text metrics
