@@ -943,6 +943,11 @@ def test_publish_failure_mid_way_keeps_the_previous_leaderboard(record_files, tm
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before and first["leaderboard_md"].exists()
     assert sorted(p.name for p in out.parent.iterdir()) == ["tiny"]  # the staging directory is gone
+    # a staging directory of a publish killed outright (process gone) is cleared by the next publish
+    (out.parent / ".tiny.staging-4194305-abc").mkdir()  # above Linux's largest pid: no such process
+    monkeypatch.undo()
+    publish(record_files, out, n_boot=50)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["tiny"]
 
 
 def test_publish_interrupted_between_renames_recovers(record_files, tmp_path, monkeypatch):

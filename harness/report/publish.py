@@ -10,7 +10,8 @@ Safety (what a reader of ``out_dir`` can rely on):
   ``out_dir`` is renamed to ``.<name>.old-*``, the staging directory renamed to ``out_dir``, and the old
   one deleted. A failure or a kill before the swap leaves the previous ``out_dir`` untouched (the staging
   directory is removed on a failure); a kill between the two renames leaves the previous results complete
-  under ``.<name>.old-*``, and the next publish puts them back before doing anything else.
+  under ``.<name>.old-*``, and the next publish puts them back before doing anything else. Staging
+  directories of killed publishes (their process id, part of the name, is gone) are deleted.
 * Records are an explicit list (files chosen by the caller, e.g. those whose fingerprint matches the
   plan) or already decoded dicts; publish never lists a directory or expands a pattern.
 """
@@ -66,11 +67,32 @@ def _restore_interrupted_swap(out: Path) -> None:
         log.warning("restored %s from %s (an earlier publish was interrupted mid-swap)", out, olds[-1])
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Staging directories left by a publish that was killed (its process is gone) are deleted."""
+    for p in out.parent.glob(f".{out.name}.staging-*"):
+        try:
+            pid = int(p.name.rsplit(".staging-", 1)[1].split("-", 1)[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def _make_staging(out: Path) -> Path:
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=parent))
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-{os.getpid()}-", dir=parent))
         # mkdtemp makes the directory private (0o700); the results keep the old directory's bits or 0o755
         os.chmod(staging, out.stat().st_mode & 0o777 if out.is_dir() else 0o755)
         return staging
@@ -177,6 +199,7 @@ def publish(
     _restore_interrupted_swap(out)
     _check_out_dir(out, stem)
     staging = _make_staging(out)
+    _remove_stale_staging(out)
     try:
         written = _publish_into(staging, list(records), primary_metric=primary_metric, baseline=baseline,
                                 expected=expected, curves=curves, provenance=stamp, left_out=left,
