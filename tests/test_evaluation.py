@@ -557,6 +557,38 @@ def test_run_lm_eval_offline_uniform_model_prefers_fewest_tokens(tmp_path, token
     assert all(0.0 <= v <= 1.0 for v in out.values())
 
 
+def _short_context_copy(model, tokenizer, n_positions: int):
+    """The same GPT-2 with its position table cut to ``n_positions`` (identical outputs on shorter inputs)."""
+    from transformers import GPT2LMHeadModel
+
+    cfg = model.config.to_dict()
+    cfg["n_positions"] = n_positions
+    small = GPT2LMHeadModel(type(model.config).from_dict(cfg)).eval()
+    state = {k: (v[:n_positions] if k.endswith("wpe.weight") else v) for k, v in model.state_dict().items()}
+    small.load_state_dict(state, strict=False)
+    return small
+
+
+def test_lm_eval_generation_never_truncates_prompts(tmp_path, tokenizer, memorised_model, caplog):
+    """lm-eval keeps the last (context - max_gen_toks) prompt tokens; with the template's 32 new tokens a
+    small-context model (the tiny suite's: 48) lost the question. The bridge fits max_gen_toks instead."""
+    from harness.evaluation.lm_eval_bridge import fit_max_gen_toks, model_context_length
+
+    longest = max(len(tokenizer(it["prompt"], add_special_tokens=False)["input_ids"]) for it in MEMO_ITEMS)
+    context = longest + 6  # room for the memorised answers (+ eos), not for 32 tokens
+    small = _short_context_copy(memorised_model, tokenizer, context)
+    assert model_context_length(small) == context
+    assert fit_max_gen_toks("t", MEMO_ITEMS, tokenizer, context, 32) == 6
+    assert fit_max_gen_toks("t", MEMO_ITEMS, tokenizer, context, 4) == 4
+    with pytest.raises(ValueError, match="no room to generate"):
+        fit_max_gen_toks("t", MEMO_ITEMS, tokenizer, longest, 32)
+    task = {"db_memo_gen": _write_jsonl(tmp_path / "gen.jsonl", MEMO_ITEMS)}
+    caplog.set_level("WARNING")
+    out = run_lm_eval(small, tokenizer, task, batch_size=8)
+    assert not [r for r in caplog.records if "truncation" in r.getMessage().lower()]
+    assert out["lm_eval/db_memo_gen/exact_match"] == 1.0  # the whole question reached the model
+
+
 # ----------------------------------------------------------------------------------------- driver
 def test_evaluate_model_end_to_end(tmp_path, tokenizer, memorised_model, random_model):
     gen_items = MEMO_ITEMS
