@@ -569,6 +569,26 @@ def _short_context_copy(model, tokenizer, n_positions: int):
     return small
 
 
+def test_mc_items_from_answers_deterministic_and_valid():
+    from harness.evaluation.lm_eval_bridge import mc_items_from_answers
+
+    items = [make_item(i, f"What is {i} plus 1?", [str(i + 1)]) | {"task": "add"} for i in range(8)]
+    items += [make_item(20 + i, f"Reverse {w}.", [w[::-1]]) | {"task": "reverse"} for i, w in enumerate(["ab", "cd"])]
+    items += [make_item(30, "Name a colour.", ["red", "blue"]) | {"task": "add"}]  # several answers: skipped
+    mc = mc_items_from_answers(items, n_choices=4, seed=3)
+    assert [it["id"] for it in mc] == [f"t{i}" for i in range(8)]  # 'reverse' has 2 answers only: skipped
+    for it in mc:
+        assert len(it["choices"]) == len(set(it["choices"])) == 4
+        assert it["choices"][it["label"]] == it["answers"][0]
+        others = [c for j, c in enumerate(it["choices"]) if j != it["label"]]
+        assert all(c in {str(k + 1) for k in range(8)} and c != it["answers"][0] for c in others)
+        assert "red" not in it["choices"]  # a several-answer item never lends distractors
+    assert mc_items_from_answers(items, n_choices=4, seed=3) == mc  # deterministic
+    assert mc_items_from_answers(items, n_choices=4, seed=4) != mc
+    assert {it["label"] for it in mc} != {mc[0]["label"]}  # the gold is not always in one position
+    assert infer_task_kind(mc) == "mc" and "choices" not in items[0]  # inputs untouched
+
+
 def test_lm_eval_generation_never_truncates_prompts(tmp_path, tokenizer, memorised_model, caplog):
     """lm-eval keeps the last (context - max_gen_toks) prompt tokens; with the template's 32 new tokens a
     small-context model (the tiny suite's: 48) lost the question. The bridge fits max_gen_toks instead."""

@@ -52,6 +52,7 @@ __all__ = [
     "TEMPLATES",
     "load_template",
     "infer_task_kind",
+    "mc_items_from_answers",
     "task_config",
     "write_task_configs",
     "fit_max_gen_toks",
@@ -85,6 +86,52 @@ def infer_task_kind(records: Iterable[Mapping[str, Any]]) -> str:
     ):
         return "mc"
     return "gen"
+
+
+def mc_items_from_answers(
+    items: Iterable[Mapping[str, Any]], *, n_choices: int = 4, seed: int = 0, group_key: str = "task"
+) -> list[dict[str, Any]]:
+    """Multiple-choice items built from one-answer generation items, for skills a small student can learn
+    (arithmetic, list tasks) rather than memorised facts.
+
+    For each item whose acceptable answers (``answers``, else ``output``) reduce to one string, the choices
+    are that answer and ``n_choices − 1`` distractors: answers of *other* items of the same family
+    (``group_key``), never one of the item's own acceptable answers, drawn with ``random.Random`` seeded by
+    ``(seed, item id or position)`` and shuffled the same way — deterministic. Items of a family with too
+    few distinct answers, and several-answer items (a distractor could be correct), are skipped. Returns
+    copies with ``choices`` and ``label`` (gold index) added; chance accuracy is ``1 / n_choices``.
+    """
+    if n_choices < 2:
+        raise ValueError(f"n_choices must be >= 2, got {n_choices}")
+    items = [dict(it) for it in items]
+
+    def answers_of(it: Mapping[str, Any]) -> list[str]:
+        a = it.get("answers")
+        if a is None:
+            a = it.get("output")
+        return [a] if isinstance(a, str) else [str(x) for x in (a or [])]
+
+    pools: dict[Any, list[str]] = {}
+    for it in items:
+        ans = answers_of(it)
+        if len(set(ans)) == 1:
+            pools.setdefault(it.get(group_key), [])
+            if ans[0] not in pools[it.get(group_key)]:
+                pools[it.get(group_key)].append(ans[0])
+    out = []
+    for i, it in enumerate(items):
+        ans = answers_of(it)
+        if len(set(ans)) != 1:
+            continue
+        gold = ans[0]
+        pool = sorted(a for a in pools.get(it.get(group_key), []) if a not in set(ans))
+        if len(pool) < n_choices - 1:
+            continue
+        rng = random.Random(f"{seed}:{it.get('id', i)}")
+        options = rng.sample(pool, n_choices - 1) + [gold]
+        rng.shuffle(options)
+        out.append({**it, "choices": options, "label": options.index(gold)})
+    return out
 
 
 def task_config(
