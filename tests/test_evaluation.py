@@ -15,6 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,8 @@ from harness.evaluation import (
 from harness.evaluation.generation import encode_prompts
 from harness.evaluation.lm_eval_bridge import flatten_results, infer_task_kind, load_template
 from harness.evaluation.metrics.rouge_l.rouge_core import rouge_l_item, rouge_l_per_item
-from harness.evaluation.model_metrics import agreement_stats, ece_bin_stats, nll_stats
+from harness.evaluation.model_metrics import agreement_stats, ece_bin_stats, nll_stats, teacher_fit_stats
+from harness.report.metric_info import metric_info
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("DISTILLBENCH_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -316,6 +318,86 @@ def test_agreement_and_nll_stats_hand_built():
     assert n == 2 and nll == pytest.approx(-math.log(0.75) - math.log(0.8), abs=1e-6)
 
 
+def _np_fit_reference(student, teacher, labels):
+    """Independent float64 numpy formulas: per response token, with p = softmax(teacher), q = softmax(student)
+    over the shared vocabulary prefix: agreement, KL(p||q), JSD = 0.5 KL(p||m) + 0.5 KL(q||m) with m = (p + q)/2
+    formed directly (not in the log domain), TVD = 0.5 sum |p - q|."""
+    import numpy as np
+
+    v = min(student.shape[-1], teacher.shape[-1])
+    keep = (labels != -100).numpy()
+    zs = student.double().numpy()[keep][:, :v]
+    zt = teacher.double().numpy()[keep][:, :v]
+    q = np.exp(zs - zs.max(-1, keepdims=True))
+    q /= q.sum(-1, keepdims=True)
+    p = np.exp(zt - zt.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    m = 0.5 * (p + q)
+
+    def kl(a, b):
+        return np.where(a > 0, a * (np.log(np.where(a > 0, a, 1.0)) - np.log(b)), 0.0).sum(-1)
+
+    return {
+        "agree": float((p.argmax(-1) == q.argmax(-1)).sum()),
+        "kl": float(kl(p, q).sum()),
+        "jsd": float((0.5 * kl(p, m) + 0.5 * kl(q, m)).sum()),
+        "tvd": float((0.5 * np.abs(p - q).sum(-1)).sum()),
+        "n": int(keep.sum()),
+    }
+
+
+def test_teacher_fit_two_way_hand_computed():
+    # token 1: teacher (.5, .5), student (.25, .75); token 2: both (.8, .2); token 3 masked
+    student = torch.tensor([[_two_way_logits(0.25), _two_way_logits(0.8), [9.0, -9.0]]], dtype=torch.float64)
+    teacher = torch.tensor([[[0.0, 0.0], _two_way_logits(0.8), [-9.0, 9.0]]], dtype=torch.float64)
+    labels = torch.tensor([[1, 0, -100]])
+    st = teacher_fit_stats(student, teacher, labels)
+    m = (0.375, 0.625)
+    jsd = 0.5 * (0.5 * math.log(0.5 / m[0]) + 0.5 * math.log(0.5 / m[1])) + 0.5 * (
+        0.25 * math.log(0.25 / m[0]) + 0.75 * math.log(0.75 / m[1]))
+    assert st["n"] == 2 and st["agree"] == 1.0
+    assert st["kl"] == pytest.approx(0.5 * math.log(4 / 3), abs=1e-6)
+    assert st["jsd"] == pytest.approx(jsd, abs=1e-6)  # token 2 contributes 0
+    assert st["tvd"] == pytest.approx(0.25, abs=1e-6)
+    # disjoint one-hot distributions: JSD -> ln 2 (its maximum), TVD -> 1
+    far = teacher_fit_stats(torch.tensor([[[60.0, -60.0]]]), torch.tensor([[[-60.0, 60.0]]]), torch.tensor([[0]]))
+    assert far["jsd"] == pytest.approx(math.log(2), abs=1e-6) and far["tvd"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_teacher_fit_stats_against_numpy_reference(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    student = 3 * torch.randn(2, 6, 7, generator=gen)
+    teacher = 3 * torch.randn(2, 6, 9, generator=gen)  # two padded vocabulary columns, cut before softmax
+    labels = torch.randint(0, 7, (2, 6), generator=gen)
+    labels[0, :2] = -100
+    labels[1, 5] = -100
+    ref = _np_fit_reference(student, teacher, labels)
+    got = teacher_fit_stats(student, teacher, labels)
+    assert got["n"] == ref["n"] == 9 and got["agree"] == ref["agree"]
+    for key in ("kl", "jsd", "tvd"):
+        assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-6), key
+    # properties: JSD and TVD are symmetric, KL is not; all are 0 for identical inputs; JSD <= ln 2 per token
+    swapped = teacher_fit_stats(teacher[..., :7], student, labels)
+    assert swapped["jsd"] == pytest.approx(got["jsd"], rel=1e-5) and swapped["tvd"] == pytest.approx(got["tvd"], rel=1e-5)
+    assert swapped["kl"] != pytest.approx(got["kl"], rel=1e-3)
+    same = teacher_fit_stats(student, student, labels)
+    assert same["jsd"] == pytest.approx(0.0, abs=1e-6) and same["tvd"] == pytest.approx(0.0, abs=1e-6)
+    assert got["jsd"] <= got["n"] * math.log(2)
+    # chunking over tokens changes nothing
+    monkeypatch.setattr(sys.modules["harness.evaluation.model_metrics"], "FIT_CHUNK_ROWS", 2)
+    chunked = teacher_fit_stats(student, teacher, labels)
+    for key in ("agree", "kl", "jsd", "tvd", "n"):
+        assert chunked[key] == pytest.approx(got[key], rel=1e-6), key
+    # the metric is the jsd objective at beta = 0.5 and the tvd objective (the report's legend says so)
+    from harness.objectives.divergences import jsd as jsd_objective, tvd as tvd_objective
+
+    keep = labels != -100
+    log_q = torch.log_softmax(student[keep].double(), -1)
+    log_p = torch.log_softmax(teacher[keep][:, :7].double(), -1)
+    assert float(jsd_objective(log_q, log_p, beta=0.5).sum()) == pytest.approx(ref["jsd"], rel=1e-9)
+    assert float(tvd_objective(log_q, log_p).sum()) == pytest.approx(ref["tvd"], rel=1e-9)
+
+
 def test_model_metrics_on_models(tokenizer, zero_model, random_model):
     items = MEMO_ITEMS
     one_batch = [collate(tokenizer, items)]
@@ -328,11 +410,15 @@ def test_model_metrics_on_models(tokenizer, zero_model, random_model):
     # self-agreement is perfect, KL 0
     agree = teacher_agreement(random_model, random_model, one_batch)
     assert agree["top1_agreement"] == 1.0 and agree["kl_to_teacher"] == pytest.approx(0.0, abs=1e-6)
+    assert agree["jsd_to_teacher"] == pytest.approx(0.0, abs=1e-6)
+    assert agree["tvd_to_teacher"] == pytest.approx(0.0, abs=1e-6)
     # token-pooled over batches: right padding leaves the response logits unchanged
     pooled = model_metrics(random_model, three_batches, teacher=zero_model)
     whole = model_metrics(random_model, one_batch, teacher=zero_model)
-    for key in ("ece", "response_nll", "top1_agreement", "kl_to_teacher", "n_response_tokens"):
+    for key in ("ece", "response_nll", "top1_agreement", "kl_to_teacher", "jsd_to_teacher", "tvd_to_teacher",
+                "n_response_tokens"):
         assert pooled[key] == pytest.approx(whole[key], rel=1e-4, abs=1e-6)
+    assert 0.0 < pooled["jsd_to_teacher"] <= math.log(2) and 0.0 < pooled["tvd_to_teacher"] <= 1.0
     assert 0.0 <= pooled["ece"] <= 1.0 and 0.0 <= pooled["top1_agreement"] <= 1.0
     assert pooled["kl_to_teacher"] > 0.0
     assert calibration_ece(random_model, one_batch) == pytest.approx(whole["ece"])
@@ -471,6 +557,58 @@ def test_run_lm_eval_offline_uniform_model_prefers_fewest_tokens(tmp_path, token
     assert all(0.0 <= v <= 1.0 for v in out.values())
 
 
+def _short_context_copy(model, tokenizer, n_positions: int):
+    """The same GPT-2 with its position table cut to ``n_positions`` (identical outputs on shorter inputs)."""
+    from transformers import GPT2LMHeadModel
+
+    cfg = model.config.to_dict()
+    cfg["n_positions"] = n_positions
+    small = GPT2LMHeadModel(type(model.config).from_dict(cfg)).eval()
+    state = {k: (v[:n_positions] if k.endswith("wpe.weight") else v) for k, v in model.state_dict().items()}
+    small.load_state_dict(state, strict=False)
+    return small
+
+
+def test_mc_items_from_answers_deterministic_and_valid():
+    from harness.evaluation.lm_eval_bridge import mc_items_from_answers
+
+    items = [make_item(i, f"What is {i} plus 1?", [str(i + 1)]) | {"task": "add"} for i in range(8)]
+    items += [make_item(20 + i, f"Reverse {w}.", [w[::-1]]) | {"task": "reverse"} for i, w in enumerate(["ab", "cd"])]
+    items += [make_item(30, "Name a colour.", ["red", "blue"]) | {"task": "add"}]  # several answers: skipped
+    mc = mc_items_from_answers(items, n_choices=4, seed=3)
+    assert [it["id"] for it in mc] == [f"t{i}" for i in range(8)]  # 'reverse' has 2 answers only: skipped
+    for it in mc:
+        assert len(it["choices"]) == len(set(it["choices"])) == 4
+        assert it["choices"][it["label"]] == it["answers"][0]
+        others = [c for j, c in enumerate(it["choices"]) if j != it["label"]]
+        assert all(c in {str(k + 1) for k in range(8)} and c != it["answers"][0] for c in others)
+        assert "red" not in it["choices"]  # a several-answer item never lends distractors
+    assert mc_items_from_answers(items, n_choices=4, seed=3) == mc  # deterministic
+    assert mc_items_from_answers(items, n_choices=4, seed=4) != mc
+    assert {it["label"] for it in mc} != {mc[0]["label"]}  # the gold is not always in one position
+    assert infer_task_kind(mc) == "mc" and "choices" not in items[0]  # inputs untouched
+
+
+def test_lm_eval_generation_never_truncates_prompts(tmp_path, tokenizer, memorised_model, caplog):
+    """lm-eval keeps the last (context - max_gen_toks) prompt tokens; with the template's 32 new tokens a
+    small-context model (the tiny suite's: 48) lost the question. The bridge fits max_gen_toks instead."""
+    from harness.evaluation.lm_eval_bridge import fit_max_gen_toks, model_context_length
+
+    longest = max(len(tokenizer(it["prompt"], add_special_tokens=False)["input_ids"]) for it in MEMO_ITEMS)
+    context = longest + 6  # room for the memorised answers (+ eos), not for 32 tokens
+    small = _short_context_copy(memorised_model, tokenizer, context)
+    assert model_context_length(small) == context
+    assert fit_max_gen_toks("t", MEMO_ITEMS, tokenizer, context, 32) == 6
+    assert fit_max_gen_toks("t", MEMO_ITEMS, tokenizer, context, 4) == 4
+    with pytest.raises(ValueError, match="no room to generate"):
+        fit_max_gen_toks("t", MEMO_ITEMS, tokenizer, longest, 32)
+    task = {"db_memo_gen": _write_jsonl(tmp_path / "gen.jsonl", MEMO_ITEMS)}
+    caplog.set_level("WARNING")
+    out = run_lm_eval(small, tokenizer, task, batch_size=8)
+    assert not [r for r in caplog.records if "truncation" in r.getMessage().lower()]
+    assert out["lm_eval/db_memo_gen/exact_match"] == 1.0  # the whole question reached the model
+
+
 # ----------------------------------------------------------------------------------------- driver
 def test_evaluate_model_end_to_end(tmp_path, tokenizer, memorised_model, random_model):
     gen_items = MEMO_ITEMS
@@ -502,6 +640,11 @@ def test_evaluate_model_end_to_end(tmp_path, tokenizer, memorised_model, random_
     assert res["response_nll"] < 0.5 and 0.0 <= res["ece"] <= 1.0
     assert res["lm_eval/db_memo_mc/acc"] == 1.0
     assert res["lm_eval/db_memo_gen/exact_match"] == 1.0
+    # the report knows the better direction of every metric the evaluation writes (timings and counts aside)
+    not_metrics = {"greedy", "n_items", "n_eval_seeds", "n_response_tokens"}
+    undeclared = [k for k in res if not k.endswith("_s") and k not in not_metrics and metric_info(k) is None]
+    assert undeclared == []
+    assert {"jsd_to_teacher", "tvd_to_teacher", "response_nll"} <= set(res)
     for key in ("generation_s", "eval_time_s", "lm_eval_s", "model_metrics_s"):
         assert res[key] >= 0.0
     assert res["eval_time_s"] >= res["generation_s"] + res["lm_eval_s"]

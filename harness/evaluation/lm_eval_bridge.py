@@ -18,12 +18,21 @@ in-memory model. The equivalent command line, after ``write_task_configs({...}, 
 
 Standard tasks (``hellaswag``, ``arc_easy``, ``lambada_openai`` ...) need their Hub datasets, i.e. a
 networked machine (or a pre-filled HF datasets cache); pass them as ``standard_tasks``.
+
+No truncation: lm-eval's ``generate_until`` keeps only the last ``max_length − max_gen_toks`` tokens of a
+prompt (``HFLM.max_length`` is the model's context, 48 tokens for the tiny suite's student, so the
+template's 32 new tokens left 16 prompt tokens and cut the question off). :func:`run_lm_eval` therefore
+fits each generation task's ``max_gen_toks`` to the model's context and the task's longest prompt
+(:func:`fit_max_gen_toks`), passes the context to ``HFLM(max_length=...)`` explicitly, and refuses a task
+whose prompts leave no room to generate; multiple-choice items longer than the context (prompt + choice)
+are logged as truncated.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import random
 import tempfile
@@ -43,13 +52,18 @@ __all__ = [
     "TEMPLATES",
     "load_template",
     "infer_task_kind",
+    "mc_items_from_answers",
     "task_config",
     "write_task_configs",
+    "fit_max_gen_toks",
     "flatten_results",
+    "model_context_length",
     "run_lm_eval",
 ]
 
-TaskSpec = str | Path | Mapping[str, Any]  # a jsonl path, or {"path": ..., "kind": "mc" | "gen"}
+log = logging.getLogger(__name__)
+
+TaskSpec = str | Path | Mapping[str, Any]  # a jsonl path, or {"path": ..., "kind": "mc" | "gen", "max_gen_toks": n}
 
 
 def load_template(kind: str) -> dict[str, Any]:
@@ -74,9 +88,58 @@ def infer_task_kind(records: Iterable[Mapping[str, Any]]) -> str:
     return "gen"
 
 
-def task_config(name: str, data_path: str | Path, kind: str | None = None) -> dict[str, Any]:
+def mc_items_from_answers(
+    items: Iterable[Mapping[str, Any]], *, n_choices: int = 4, seed: int = 0, group_key: str = "task"
+) -> list[dict[str, Any]]:
+    """Multiple-choice items built from one-answer generation items, for skills a small student can learn
+    (arithmetic, list tasks) rather than memorised facts.
+
+    For each item whose acceptable answers (``answers``, else ``output``) reduce to one string, the choices
+    are that answer and ``n_choices − 1`` distractors: answers of *other* items of the same family
+    (``group_key``), never one of the item's own acceptable answers, drawn with ``random.Random`` seeded by
+    ``(seed, item id or position)`` and shuffled the same way — deterministic. Items of a family with too
+    few distinct answers, and several-answer items (a distractor could be correct), are skipped. Returns
+    copies with ``choices`` and ``label`` (gold index) added; chance accuracy is ``1 / n_choices``.
+    """
+    if n_choices < 2:
+        raise ValueError(f"n_choices must be >= 2, got {n_choices}")
+    items = [dict(it) for it in items]
+
+    def answers_of(it: Mapping[str, Any]) -> list[str]:
+        a = it.get("answers")
+        if a is None:
+            a = it.get("output")
+        return [a] if isinstance(a, str) else [str(x) for x in (a or [])]
+
+    pools: dict[Any, list[str]] = {}
+    for it in items:
+        ans = answers_of(it)
+        if len(set(ans)) == 1:
+            pools.setdefault(it.get(group_key), [])
+            if ans[0] not in pools[it.get(group_key)]:
+                pools[it.get(group_key)].append(ans[0])
+    out = []
+    for i, it in enumerate(items):
+        ans = answers_of(it)
+        if len(set(ans)) != 1:
+            continue
+        gold = ans[0]
+        pool = sorted(a for a in pools.get(it.get(group_key), []) if a not in set(ans))
+        if len(pool) < n_choices - 1:
+            continue
+        rng = random.Random(f"{seed}:{it.get('id', i)}")
+        options = rng.sample(pool, n_choices - 1) + [gold]
+        rng.shuffle(options)
+        out.append({**it, "choices": options, "label": options.index(gold)})
+    return out
+
+
+def task_config(
+    name: str, data_path: str | Path, kind: str | None = None, max_gen_toks: int | None = None
+) -> dict[str, Any]:
     """A filled-in lm-eval task config: the template of ``kind`` (inferred from the data when None)
-    with ``task = name`` and the absolute ``data_path`` as its ``test`` split."""
+    with ``task = name`` and the absolute ``data_path`` as its ``test`` split; ``max_gen_toks`` (gen tasks)
+    replaces the template's generation length."""
     path = Path(data_path).expanduser().resolve()
     if not path.is_file():
         raise FileNotFoundError(path)
@@ -89,6 +152,10 @@ def task_config(name: str, data_path: str | Path, kind: str | None = None) -> di
     cfg["dataset_kwargs"]["data_files"]["test"] = str(path)
     if kind == "gen" and "answers" not in records[0]:
         cfg["doc_to_target"] = "output"
+    if kind == "gen" and max_gen_toks is not None:
+        if int(max_gen_toks) < 1:
+            raise ValueError(f"lm-eval task {name}: max_gen_toks must be >= 1, got {max_gen_toks}")
+        cfg["generation_kwargs"]["max_gen_toks"] = int(max_gen_toks)
     return cfg
 
 
@@ -96,6 +163,57 @@ def _spec(spec: TaskSpec) -> tuple[Path, str | None]:
     if isinstance(spec, Mapping):
         return Path(spec["path"]), spec.get("kind")
     return Path(spec), None
+
+
+def model_context_length(model) -> int | None:
+    """The model's context in tokens (``n_positions`` / ``max_position_embeddings``), or None."""
+    cfg = getattr(model, "config", None)
+    for key in ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _n_tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def fit_max_gen_toks(name: str, records: Iterable[Mapping[str, Any]], tokenizer, context: int,
+                     requested: int) -> int:
+    """``min(requested, context − longest prompt)``: the most new tokens a ``generate_until`` task may ask
+    for without lm-eval cutting any prompt. Raises ``ValueError`` (naming the task) when the longest
+    prompt leaves no room."""
+    longest = max((_n_tokens(tokenizer, str(r["prompt"])) for r in records), default=0)
+    room = context - longest
+    if room < 1:
+        raise ValueError(f"lm-eval task {name}: its longest prompt has {longest} tokens and the model's context is "
+                         f"{context}: no room to generate; shorten the task's prompts")
+    return min(int(requested), room)
+
+
+def _fit_tasks(task_data: Mapping[str, TaskSpec], tokenizer, context: int | None) -> dict[str, dict[str, Any]]:
+    """Each task as ``{"path", "kind", "max_gen_toks"}`` with generation lengths fitted to ``context``."""
+    fitted: dict[str, dict[str, Any]] = {}
+    for name, spec in task_data.items():
+        path, kind = _spec(spec)
+        records = _read_records(path.expanduser().resolve())
+        kind = kind or infer_task_kind(records)
+        requested = spec.get("max_gen_toks") if isinstance(spec, Mapping) else None
+        if requested is None and kind == "gen":
+            requested = load_template("gen")["generation_kwargs"]["max_gen_toks"]
+        entry: dict[str, Any] = {"path": str(path), "kind": kind, "max_gen_toks": requested}
+        if context is not None and kind == "gen":
+            entry["max_gen_toks"] = fit_max_gen_toks(name, records, tokenizer, context, requested)
+        elif context is not None and kind == "mc":
+            too_long = sum(
+                1 for r in records
+                if any(_n_tokens(tokenizer, str(r["prompt"]) + str(c)) > context for c in r["choices"]))
+            if too_long:
+                log.warning("lm-eval task %s: %d item(s) longer than the model's context (%d tokens) are "
+                            "truncated from the left", name, too_long, context)
+        fitted[name] = entry
+    return fitted
 
 
 def write_task_configs(task_data: Mapping[str, TaskSpec], out_dir: str | Path) -> list[Path]:
@@ -106,8 +224,9 @@ def write_task_configs(task_data: Mapping[str, TaskSpec], out_dir: str | Path) -
     written = []
     for name, spec in task_data.items():
         path, kind = _spec(spec)
+        gen_toks = spec.get("max_gen_toks") if isinstance(spec, Mapping) else None
         target = out / f"{name}.yaml"
-        target.write_text(yaml.safe_dump(task_config(name, path, kind), sort_keys=False), encoding="utf-8")
+        target.write_text(yaml.safe_dump(task_config(name, path, kind, gen_toks), sort_keys=False), encoding="utf-8")
         written.append(target)
     return written
 
@@ -146,7 +265,8 @@ def run_lm_eval(
         model: a HF causal LM (``PreTrainedModel``), wrapped in ``HFLM(pretrained=model, ...)``.
         tokenizer: its tokenizer.
         task_data: task name -> jsonl path (kind inferred: "mc" if every item has ``choices`` and
-            ``label``, else "gen") or ``{"path": ..., "kind": "mc" | "gen"}``.
+            ``label``, else "gen") or ``{"path": ..., "kind": "mc" | "gen", "max_gen_toks": n}``; a gen
+            task's generation length is cut to fit the model's context (no prompt is truncated).
         standard_tasks: built-in lm-eval task names; only then are the built-in task configs indexed
             (their datasets come from the Hub: networked machines only).
         limit: at most this many documents per task (a fraction when < 1).
@@ -167,12 +287,15 @@ def run_lm_eval(
         raise ValueError("no lm-eval task requested")
     py_state, np_state = random.getstate(), np.random.get_state()
     cuda = torch.device(device).type == "cuda"
+    context = model_context_length(model)
+    fitted = _fit_tasks(task_data, tokenizer, context)
     with tempfile.TemporaryDirectory(prefix="distillbench_lm_eval_") as include_dir:
-        write_task_configs(task_data, include_dir)
+        write_task_configs(fitted, include_dir)
         task_manager = TaskManager(
             include_path=include_dir if task_data else None, include_defaults=bool(standard_tasks)
         )
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+        extra = {"max_length": context} if context is not None else {}
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, **extra)
         try:
             with torch.random.fork_rng(devices=[torch.device(device)] if cuda else []):
                 out = lm_eval.simple_evaluate(

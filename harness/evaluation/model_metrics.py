@@ -12,6 +12,12 @@ token of every batch (not means of batch means).
   teacher; ``kl_to_teacher`` = mean over tokens of KL(p_teacher ‖ q_student) in nats, computed in
   float32 from ``log_softmax``. When the two vocabularies differ in size (padded embeddings, e.g.
   Qwen2.5-7B vs 1.5B) both are cut to the shared prefix before normalising.
+* Symmetric teacher fit (p = teacher, q = student, temperature 1, same tokens and vocabulary cut):
+  ``jsd_to_teacher`` = mean over tokens of JSD(p, q) = ½ KL(p ‖ m) + ½ KL(q ‖ m), m = ½(p + q), in nats
+  (in [0, ln 2]; the ``jsd`` objective at β = 0.5, i.e. the training loss of the jsd and gkd recipes);
+  ``tvd_to_teacher`` = mean over tokens of ½ Σ_v |p_v − q_v| (in [0, 1]; the ``tvd`` objective's loss).
+  ``kl_to_teacher`` is the ``fkl`` objective's loss; no teacher-fit metric is neutral, so the report
+  names, for each, the recipes that train on it.
 * ``response_nll`` = mean cross-entropy (nats/token) of the reference tokens; ``response_ppl`` = exp.
 
 The ``*_from_logits`` / ``*_stats`` helpers are pure tensor functions; the model functions just run
@@ -31,6 +37,7 @@ __all__ = [
     "ece_from_bin_stats",
     "ece_from_logits",
     "agreement_stats",
+    "teacher_fit_stats",
     "nll_stats",
     "calibration_ece",
     "teacher_agreement",
@@ -85,21 +92,48 @@ def ece_from_logits(
     return ece_from_bin_stats(*ece_bin_stats(logits, labels, mask, n_bins))
 
 
+FIT_CHUNK_ROWS = 1024  # response tokens per chunk: bounds the [N, V] float32 temporaries
+
+
+def teacher_fit_stats(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None
+) -> dict[str, float]:
+    """Sums over response tokens of the teacher-fit quantities; logits ``[B, T, V_s]``, ``[B, T, V_t]``.
+
+    ``log p = log_softmax(teacher)``, ``log q = log_softmax(student)`` in float32 over the shared vocabulary
+    prefix ``min(V_s, V_t)``; per token: ``agree`` = [argmax q = argmax p], ``kl`` = Σ p (log p − log q),
+    ``jsd`` = ½ Σ p (log p − log m) + ½ Σ q (log q − log m) with ``log m = logaddexp(log p, log q) − ln 2``,
+    ``tvd`` = ½ Σ |p − q|. Returns ``{"agree", "kl", "jsd", "tvd"}`` (float64 sums) and ``"n"`` (token
+    count). Summable across batches; divide by ``n`` for token means.
+    """
+    keep = _response_mask(labels, mask)
+    vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])
+    s_all = student_logits[keep][:, :vocab]
+    t_all = teacher_logits[keep][:, :vocab]
+    out = {"agree": 0.0, "kl": 0.0, "jsd": 0.0, "tvd": 0.0, "n": int(keep.sum().item())}
+    for start in range(0, s_all.shape[0], FIT_CHUNK_ROWS):
+        s = F.log_softmax(s_all[start:start + FIT_CHUNK_ROWS].float(), dim=-1)  # [n, V] log q
+        t = F.log_softmax(t_all[start:start + FIT_CHUNK_ROWS].float().to(s.device), dim=-1)  # log p
+        p, q = t.exp(), s.exp()
+        log_m = torch.logaddexp(t, s) - math.log(2.0)
+        out["agree"] += float((s.argmax(-1) == t.argmax(-1)).sum().item())
+        out["kl"] += float((p * (t - s)).sum(-1).double().sum().item())
+        jsd = 0.5 * (p * (t - log_m)).sum(-1) + 0.5 * (q * (s - log_m)).sum(-1)
+        out["jsd"] += float(jsd.double().sum().item())
+        out["tvd"] += float((0.5 * (p - q).abs().sum(-1)).double().sum().item())
+    return out
+
+
 def agreement_stats(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None
 ) -> tuple[float, float, int]:
     """``(n_top1_agree, kl_sum, n_tokens)`` over response tokens; logits ``[B, T, V_s]``, ``[B, T, V_t]``.
 
     KL(p_teacher ‖ q_student) = Σ_v p_t (log p_t − log q_s), float32 log_softmax over the shared
-    vocabulary prefix ``min(V_s, V_t)``.
+    vocabulary prefix ``min(V_s, V_t)`` (see :func:`teacher_fit_stats`).
     """
-    keep = _response_mask(labels, mask)
-    vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])
-    s = F.log_softmax(student_logits[keep][:, :vocab].float(), dim=-1)  # [N, V]
-    t = F.log_softmax(teacher_logits[keep][:, :vocab].float().to(s.device), dim=-1)
-    agree = (s.argmax(-1) == t.argmax(-1)).sum().item()
-    kl = (t.exp() * (t - s)).sum(-1)
-    return float(agree), float(kl.double().sum().item()), int(keep.sum().item())
+    st = teacher_fit_stats(student_logits, teacher_logits, labels, mask)
+    return st["agree"], st["kl"], st["n"]
 
 
 def nll_stats(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[float, int]:
@@ -128,14 +162,15 @@ def model_metrics(
     model, batches: Iterable[Mapping[str, torch.Tensor]], *, teacher=None, n_bins: int = 15
 ) -> dict[str, float]:
     """One pass over ``batches``: ``ece``, ``response_nll``, ``response_ppl``, ``n_response_tokens``
-    and, with a ``teacher``, ``top1_agreement`` and ``kl_to_teacher``. Models are put in eval mode for
-    the call and restored afterwards."""
+    and, with a ``teacher``, ``top1_agreement``, ``kl_to_teacher``, ``jsd_to_teacher`` and
+    ``tvd_to_teacher`` (token means). Models are put in eval mode for the call and restored afterwards."""
     models = [m for m in (model, teacher) if m is not None]
     modes = [m.training for m in models]
     for m in models:
         m.eval()
     bins = [torch.zeros(n_bins, dtype=torch.float64) for _ in range(3)]
-    nll_sum, n_tok, agree_sum, kl_sum = 0.0, 0, 0.0, 0.0
+    nll_sum, n_tok = 0.0, 0
+    fit = {"agree": 0.0, "kl": 0.0, "jsd": 0.0, "tvd": 0.0}
     try:
         for batch in batches:
             labels = batch["labels"]
@@ -150,9 +185,9 @@ def model_metrics(
             n_tok += n
             if teacher is not None:
                 t_logits = _forward_logits(teacher, batch).to(logits.device)
-                a, k, _ = agreement_stats(logits, t_logits, labels_d, mask_d)
-                agree_sum += a
-                kl_sum += k
+                for key, value in teacher_fit_stats(logits, t_logits, labels_d, mask_d).items():
+                    if key in fit:
+                        fit[key] += value
     finally:
         for m, mode in zip(models, modes):
             m.train(mode)
@@ -164,8 +199,9 @@ def model_metrics(
         "n_response_tokens": float(n_tok),
     }
     if teacher is not None:
-        out["top1_agreement"] = agree_sum / n_tok if n_tok else float("nan")
-        out["kl_to_teacher"] = kl_sum / n_tok if n_tok else float("nan")
+        for key, name in (("agree", "top1_agreement"), ("kl", "kl_to_teacher"), ("jsd", "jsd_to_teacher"),
+                          ("tvd", "tvd_to_teacher")):
+            out[name] = fit[key] / n_tok if n_tok else float("nan")
     return out
 
 
@@ -176,10 +212,10 @@ def calibration_ece(model, batches: Iterable[Mapping[str, torch.Tensor]], n_bins
 
 
 def teacher_agreement(student, teacher, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, float]:
-    """``{"top1_agreement": fraction, "kl_to_teacher": nats/token}`` — token means over response tokens,
-    KL(p_teacher ‖ q_student)."""
+    """``{"top1_agreement": fraction, "kl_to_teacher", "jsd_to_teacher": nats/token, "tvd_to_teacher"}``
+    — token means over response tokens (p = teacher, q = student; see the module doc)."""
     out = model_metrics(student, batches, teacher=teacher)
-    return {"top1_agreement": out["top1_agreement"], "kl_to_teacher": out["kl_to_teacher"]}
+    return {k: out[k] for k in ("top1_agreement", "kl_to_teacher", "jsd_to_teacher", "tvd_to_teacher")}
 
 
 def response_nll(model, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, float]:

@@ -9,7 +9,13 @@ column              meaning
 ``suite``           suite name
 ``recipe``          recipe name (``"teacher"`` and ``"init"`` for the reference rows)
 ``seed``            training seed (int)
+``teacher_seed``    seed of the teacher the run distilled from (int; absent in the record = 0)
 ``eval_set``        evaluation set name
+``phase``           ``"final"`` (test-split runs; also when absent) | ``"tune"`` (validation-split runs of the
+                    hyperparameter search)
+``hparams``         the run's tuned hyperparameters as canonical JSON (sorted keys, ``"{}"`` when absent),
+                    e.g. ``{"learning_rate": 0.003}``; :func:`hparams_dict` decodes it
+``n_eval_seeds``    evaluation seeds averaged inside the run (``details.n_eval_seeds``), or NaN
 ``role``            ``"student"`` | ``"teacher"`` | ``"init"`` (inferred from the recipe if absent)
 ``status``          the status written by the run (``"ok"`` | ``"failed"`` | anything else)
 ``error``           the run's error message, or ``None``
@@ -19,22 +25,26 @@ column              meaning
                     ``"non-finite metric(s): kl_to_teacher=nan"``); ``None`` when not failed
 ``git_rev``         git revision, or ``None``
 ``device``          device string, or ``None``
+``recipe_config``   the recipe configuration of the run (``config.recipe``, a dict) or ``None``
 ``metric:<name>``   one float column per metric name seen in any record (NaN where a record
                     lacks it or wrote ``null`` — ``null`` means "not applicable", not failure)
 ``cost:<name>``     one float column per cost name, same convention
 ==================  ==========================================================================
 
-``config`` and ``versions`` are not flattened (they are not statistics); read the record file named in
-``path`` for them.
+``versions`` and the suite configuration are not flattened (they are not statistics); read the record
+file named in ``path`` for them.
 
 Loading never stops at a bad file: unreadable, corrupt, partial (missing one of ``suite``, ``recipe``,
 ``seed``, ``eval_set``), non-object and duplicate records are skipped and described, each by file
-name, in the ``problems`` list returned next to the table.
+name, in the ``problems`` list returned next to the table. :func:`load_record_list` reads exactly the
+files (or already decoded dicts) it is given — no directory listing, no glob — and is what
+:func:`harness.report.publish` uses.
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import math
 import os
@@ -53,6 +63,9 @@ __all__ = [
     "LoadedRecords",
     "cost_names",
     "find_record_files",
+    "hparams_dict",
+    "hparams_label",
+    "load_record_list",
     "load_records",
     "metric_names",
     "missing_runs",
@@ -64,12 +77,13 @@ log = logging.getLogger(__name__)
 
 METRIC_PREFIX = "metric:"
 COST_PREFIX = "cost:"
-KEY_COLUMNS = ("suite", "recipe", "seed", "eval_set", "role")
+KEY_COLUMNS = ("suite", "recipe", "teacher_seed", "seed", "eval_set", "role", "phase", "hparams")
 REQUIRED_KEYS = ("suite", "recipe", "seed", "eval_set")
 BASE_COLUMNS = (
-    "path", "suite", "recipe", "seed", "eval_set", "role", "status", "error", "failed", "failure",
-    "git_rev", "device",
+    "path", "suite", "recipe", "teacher_seed", "seed", "eval_set", "role", "phase", "hparams", "status",
+    "error", "failed", "failure", "n_eval_seeds", "git_rev", "device", "recipe_config",
 )
+PHASES = ("final", "tune")
 REFERENCE_ROLES = {"teacher": "teacher", "init": "init"}
 
 
@@ -118,6 +132,48 @@ def _to_float(value: Any) -> float | None:
     raise ValueError(f"not a number: {value!r}")
 
 
+def _int_field(raw: dict[str, Any], key: str, default: int | None, where: str) -> int:
+    value = raw.get(key, default)
+    if value is None and default is not None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{where}: {key} {value!r} is not an integer")
+    try:
+        as_float = float(value)
+        as_int = int(as_float)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: {key} {value!r} is not an integer") from None
+    if as_int != as_float:
+        raise ValueError(f"{where}: {key} {value!r} is not an integer")
+    return as_int
+
+
+def _hparams_json(raw: dict[str, Any], where: str) -> str:
+    hp = raw.get("hparams")
+    if hp is None:
+        return "{}"
+    if not isinstance(hp, dict):
+        raise ValueError(f"{where}: 'hparams' must be a JSON object like {{\"learning_rate\": 0.003}}, "
+                         f"got {type(hp).__name__}")
+    for k, v in hp.items():
+        if isinstance(v, (dict, list)):
+            raise ValueError(f"{where}: hparams.{k} must be a number, string or boolean, got {v!r}")
+    return json.dumps(hp, sort_keys=True)
+
+
+def hparams_dict(text: str | None) -> dict[str, Any]:
+    """Decode the ``hparams`` column (canonical JSON) back into a dict (``{}`` for empty/None)."""
+    if not text or (isinstance(text, float) and math.isnan(text)):
+        return {}
+    return dict(json.loads(text))
+
+
+def hparams_label(text: str | dict | None) -> str:
+    """``'{"learning_rate": 0.003}'`` → ``"learning_rate=0.003"`` (``""`` when empty)."""
+    hp = text if isinstance(text, dict) else hparams_dict(text)
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(hp.items()))
+
+
 def parse_record(raw: Any, path: str | os.PathLike) -> dict[str, Any]:
     """Flatten one decoded record into a row dict (see the module docstring for the columns).
 
@@ -130,10 +186,12 @@ def parse_record(raw: Any, path: str | os.PathLike) -> dict[str, Any]:
     missing = [k for k in REQUIRED_KEYS if raw.get(k) in (None, "")]
     if missing:
         raise ValueError(f"{where}: partial record, missing {', '.join(missing)}")
-    try:
-        seed = int(raw["seed"])
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: seed {raw['seed']!r} is not an integer") from None
+    seed = _int_field(raw, "seed", None, where)
+    teacher_seed = _int_field(raw, "teacher_seed", 0, where)
+    phase = str(raw.get("phase") or "final")
+    if phase not in PHASES:
+        raise ValueError(f"{where}: phase {phase!r} is not one of {', '.join(PHASES)} (absent means final)")
+    hparams = _hparams_json(raw, where)
     recipe = str(raw["recipe"])
     status = str(raw.get("status") or "ok")
     role = raw.get("role") or REFERENCE_ROLES.get(recipe, "student")
@@ -146,17 +204,29 @@ def parse_record(raw: Any, path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(metrics, dict) or not isinstance(costs, dict):
         raise ValueError(f"{where}: 'metrics' and 'costs' must be JSON objects")
 
+    details = raw.get("details") if isinstance(raw.get("details"), dict) else {}
+    try:
+        n_eval_seeds = float(details.get("n_eval_seeds")) if details.get("n_eval_seeds") is not None else math.nan
+    except (TypeError, ValueError):
+        n_eval_seeds = math.nan
+    config = raw.get("config") if isinstance(raw.get("config"), dict) else {}
+    recipe_config = config.get("recipe") if isinstance(config.get("recipe"), dict) else None
     row: dict[str, Any] = {
         "path": where,
         "suite": str(raw["suite"]),
         "recipe": recipe,
+        "teacher_seed": teacher_seed,
         "seed": seed,
         "eval_set": str(raw["eval_set"]),
         "role": str(role),
+        "phase": phase,
+        "hparams": hparams,
         "status": status,
         "error": raw.get("error"),
+        "n_eval_seeds": n_eval_seeds,
         "git_rev": raw.get("git_rev"),
         "device": raw.get("device"),
+        "recipe_config": recipe_config,
     }
     bad: list[str] = []
     for name, value in metrics.items():
@@ -193,6 +263,8 @@ def records_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     columns = list(BASE_COLUMNS) + metric_cols + cost_cols
     df = pd.DataFrame(list(rows), columns=columns)
     df["seed"] = df["seed"].astype("int64")
+    df["teacher_seed"] = df["teacher_seed"].astype("int64")
+    df["n_eval_seeds"] = pd.to_numeric(df["n_eval_seeds"], errors="coerce").astype("float64")
     df["failed"] = df["failed"].astype(bool)
     for col in metric_cols + cost_cols:
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
@@ -211,11 +283,41 @@ def load_records(source: str | os.PathLike | Iterable[str | os.PathLike]) -> Loa
     problems: list[str] = []
     if not paths:
         problems.append(f"{source}: no record files (*.json) found")
+    return _load(paths, problems)
+
+
+def load_record_list(items: Sequence[str | os.PathLike | dict[str, Any]]) -> LoadedRecords:
+    """Read exactly the given record files, or take already decoded record dicts (named
+    ``<record #i>`` in messages, or by their own ``path`` key). No directory is listed and no pattern
+    expanded: a directory in the list is reported as a problem. Otherwise as :func:`load_records`."""
+    if isinstance(items, (str, os.PathLike, dict)):
+        raise TypeError(
+            f"expected a list of record files or record dicts, got a single {type(items).__name__} "
+            f"{str(items)[:80]!r}; pass e.g. sorted(Path(d).glob('*.json')) after checking them")
+    problems: list[str] = []
+    sources: list[Path | tuple[str, dict[str, Any]]] = []
+    for i, item in enumerate(items):
+        if isinstance(item, dict):
+            sources.append((str(item.get("path") or f"<record #{i}>"), item))
+        elif isinstance(item, (str, os.PathLike)):
+            p = Path(item)
+            if p.is_dir():
+                problems.append(f"{p}: is a directory, not a record file (list its files explicitly)")
+            else:
+                sources.append(p)
+        else:
+            problems.append(f"<record #{i}>: a {type(item).__name__}, expected a path or a dict")
+    return _load(sources, problems)
+
+
+def _load(sources: Sequence[Path | tuple[str, dict[str, Any]]], problems: list[str]) -> LoadedRecords:
     rows: list[dict[str, Any]] = []
     seen: dict[tuple, str] = {}
-    for path in paths:
+    for source in sources:
+        path, raw = (source if isinstance(source, tuple) else (source, None))
         try:
-            raw = read_json(path)
+            if raw is None:
+                raw = read_json(path)
             row = parse_record(raw, path)
         except (OSError, JSONReadError, ValueError) as exc:
             msg = str(exc)
@@ -245,18 +347,26 @@ def cost_names(df: pd.DataFrame) -> list[str]:
 
 
 def missing_runs(
-    expected: Iterable[tuple[str, int, str]],
+    expected: Iterable[tuple[Any, ...]],
     df: pd.DataFrame,
-) -> list[tuple[str, int, str]]:
-    """The expected ``(recipe, seed, eval_set)`` triples that have no record in ``df``.
+) -> list[tuple[Any, ...]]:
+    """The expected runs that have no final-phase record in ``df``.
 
-    A run whose record exists but failed is *not* missing (the leaderboard lists it as failed). The
-    result keeps the order of ``expected`` and drops repeats.
+    ``expected`` holds ``(recipe, seed, eval_set)`` triples (teacher seed 0) or ``(recipe, seed, eval_set,
+    teacher_seed)`` quadruples; the result keeps each item's form and the order of ``expected``, without
+    repeats. A run whose record exists but failed is *not* missing (the leaderboard lists it as failed).
     """
-    have = set(zip(df["recipe"].astype(str), df["seed"].astype(int), df["eval_set"].astype(str)))
-    out: list[tuple[str, int, str]] = []
-    for recipe, seed, eval_set in expected:
-        key = (str(recipe), int(seed), str(eval_set))
-        if key not in have and key not in out:
+    final = df.loc[df["phase"] == "final"] if "phase" in df.columns else df
+    teachers = final["teacher_seed"].astype(int) if "teacher_seed" in final.columns else [0] * len(final)
+    have = set(zip(final["recipe"].astype(str), final["seed"].astype(int), final["eval_set"].astype(str),
+                   teachers))
+    out: list[tuple[Any, ...]] = []
+    for item in expected:
+        if len(item) not in (3, 4):
+            raise ValueError(f"expected run {item!r}: give (recipe, seed, eval_set[, teacher_seed])")
+        recipe, seed, eval_set = str(item[0]), int(item[1]), str(item[2])
+        teacher = int(item[3]) if len(item) == 4 else 0
+        key = (recipe, seed, eval_set) if len(item) == 3 else (recipe, seed, eval_set, teacher)
+        if (recipe, seed, eval_set, teacher) not in have and key not in out:
             out.append(key)
     return out

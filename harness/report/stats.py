@@ -1,7 +1,13 @@
-"""Small statistics for the leaderboard: Student-t intervals over training seeds and Pareto fronts.
+"""Small statistics for the leaderboard, pure functions on numbers, mappings and DataFrames.
 
-The unit of replication is the *training seed*: every interval here treats one value per seed as one
-observation. With ``n`` values the interval is ``mean ± t_{(1+c)/2, n-1} · s / sqrt(n)`` where ``s`` is
+* :func:`mean_ci` — Student-t interval; :func:`paired_diff` / :func:`paired_ttest` — per-run differences;
+* :func:`holm` — Holm's step-down adjustment of a family of p-values;
+* :func:`bootstrap_p_best` — probability of each recipe being the best, resampling runs;
+* :func:`rank_correlation` — Kendall τ-b and Spearman ρ between two rankings (scipy);
+* :func:`pareto_front`.
+
+The unit of replication is the *training run* (one training seed, under one teacher): every interval here
+treats one value per run as one observation. With ``n`` values the interval is ``mean ± t_{(1+c)/2, n-1} · s / sqrt(n)`` where ``s`` is
 the sample standard deviation (``ddof=1``). With a single value there is no spread to estimate, so the
 interval bounds are ``NaN`` (not ``None``, so that tables stay numeric); with no values the mean is
 ``NaN`` too.
@@ -17,7 +23,17 @@ from typing import Any
 import numpy as np
 from scipy import stats as _st
 
-__all__ = ["Interval", "mean_ci", "paired_diff", "pareto_front"]
+__all__ = [
+    "Interval",
+    "PairedTest",
+    "bootstrap_p_best",
+    "holm",
+    "mean_ci",
+    "paired_diff",
+    "paired_ttest",
+    "pareto_front",
+    "rank_correlation",
+]
 
 
 @dataclass(frozen=True)
@@ -92,17 +108,7 @@ def _as_mapping(values: Mapping[Any, Any] | Any) -> Mapping[Any, Any]:
     raise TypeError(f"expected a mapping seed -> value, got {type(values).__name__}")
 
 
-def paired_diff(
-    a_by_seed: Mapping[Any, Any],
-    b_by_seed: Mapping[Any, Any],
-    confidence: float = 0.95,
-) -> Interval:
-    """Mean and t-interval of the per-seed differences ``a[s] - b[s]``.
-
-    Only seeds present in both mappings with finite values on both sides are paired; ``n`` is the
-    number of pairs. Accepts dicts or pandas Series indexed by seed. No common seed gives an all-NaN
-    interval with ``n == 0``.
-    """
+def _paired(a_by_seed: Mapping[Any, Any] | Any, b_by_seed: Mapping[Any, Any] | Any) -> list[float]:
     a, b = _as_mapping(a_by_seed), _as_mapping(b_by_seed)
     diffs = []
     for seed in sorted(set(a) & set(b), key=repr):
@@ -112,7 +118,151 @@ def paired_diff(
         fa, fb = float(va), float(vb)
         if math.isfinite(fa) and math.isfinite(fb):
             diffs.append(fa - fb)
-    return mean_ci(diffs, confidence)
+    return diffs
+
+
+def paired_diff(
+    a_by_seed: Mapping[Any, Any],
+    b_by_seed: Mapping[Any, Any],
+    confidence: float = 0.95,
+) -> Interval:
+    """Mean and t-interval of the per-run differences ``a[k] - b[k]``.
+
+    Only keys (seeds, or ``(teacher_seed, seed)`` pairs) present in both mappings with finite values on
+    both sides are paired; ``n`` is the number of pairs. Accepts dicts or pandas Series. No common key
+    gives an all-NaN interval with ``n == 0``.
+    """
+    return mean_ci(_paired(a_by_seed, b_by_seed), confidence)
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """A paired t-test of ``a − b``: the difference's interval and the two-sided p-value of ``mean = 0``.
+
+    ``p`` is NaN with fewer than 2 pairs. With zero spread the test is degenerate: ``p = 1`` when every
+    difference is 0, ``p = 0`` when they are all equal and non-zero (no variation can explain them).
+    """
+
+    diff: Interval
+    t: float
+    p: float
+
+
+def paired_ttest(
+    a_by_seed: Mapping[Any, Any],
+    b_by_seed: Mapping[Any, Any],
+    confidence: float = 0.95,
+) -> PairedTest:
+    """Paired t-test on the per-run differences ``a[k] − b[k]`` (``scipy.stats.ttest_1samp`` against 0),
+    with ``df = n − 1``; pairing as in :func:`paired_diff`."""
+    diffs = _paired(a_by_seed, b_by_seed)
+    iv = mean_ci(diffs, confidence)
+    if iv.n < 2:
+        return PairedTest(iv, math.nan, math.nan)
+    if float(np.std(diffs, ddof=1)) == 0.0:
+        if iv.mean == 0.0:
+            return PairedTest(iv, 0.0, 1.0)
+        return PairedTest(iv, math.copysign(math.inf, iv.mean), 0.0)
+    res = _st.ttest_1samp(np.asarray(diffs, dtype=np.float64), 0.0)
+    return PairedTest(iv, float(res.statistic), float(res.pvalue))
+
+
+def holm(pvalues: Mapping[Any, float] | Sequence[float]) -> Any:
+    """Holm's step-down adjustment (family-wise error control) of a family of p-values.
+
+    With the ``m`` finite p-values sorted ascending, ``p_(1) ≤ … ≤ p_(m)``, the adjusted value is
+    ``p̃_(i) = min(1, max_{j ≤ i} (m − j + 1) · p_(j))``. NaN entries are not tests: they stay NaN and do
+    not count in ``m``. Returns the same shape: a dict for a mapping, a list for a sequence.
+    """
+    keys = list(pvalues.keys()) if isinstance(pvalues, Mapping) else None
+    values = [float(v) for v in (pvalues.values() if keys is not None else pvalues)]
+    for v in values:
+        if math.isfinite(v) and not 0.0 <= v <= 1.0:
+            raise ValueError(f"p-values must lie in [0, 1], got {v}")
+    finite = sorted((v, i) for i, v in enumerate(values) if math.isfinite(v))
+    m = len(finite)
+    adjusted = [math.nan] * len(values)
+    running = 0.0
+    for j, (v, i) in enumerate(finite):
+        running = max(running, min(1.0, (m - j) * v))
+        adjusted[i] = running
+    return dict(zip(keys, adjusted)) if keys is not None else adjusted
+
+
+def bootstrap_p_best(
+    values: Any,
+    *,
+    higher_is_better: bool = True,
+    n_boot: int = 10_000,
+    seed: int = 0,
+    strata: Sequence[Any] | None = None,
+) -> Any:
+    """Probability of each column (recipe) having the best mean, by the bootstrap over rows (runs).
+
+    ``values``: a ``pandas.DataFrame``, rows = training runs (one per seed, or per (teacher, seed)), columns
+    = recipes; NaN = no value for that run. Each replicate draws rows with replacement — the *same* rows
+    for every recipe, so the pairing by seed (same data order, same initialisation) is kept — within each
+    stratum (``strata``: one label per row, e.g. the teacher seed, so each replicate keeps every teacher's
+    share of runs); each recipe's mean ignores its NaN rows. The replicate's best mean wins; ``k`` tied
+    winners get ``1/k`` each; a recipe with no value in a replicate cannot win it. The RNG is
+    ``numpy.random.default_rng(seed)``: the result is deterministic. Returns a Series (index = columns)
+    summing to 1 (all-NaN input: all NaN).
+    """
+    import pandas as pd
+
+    frame = pd.DataFrame(values).astype("float64")
+    cols = list(frame.columns)
+    x = frame.to_numpy()
+    n_rows = x.shape[0]
+    if n_rows == 0 or not np.isfinite(x).any() or not cols:
+        return pd.Series(np.nan, index=cols, dtype="float64")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    labels = list(strata) if strata is not None else [0] * n_rows
+    if len(labels) != n_rows:
+        raise ValueError(f"strata has {len(labels)} labels for {n_rows} rows")
+    rng = np.random.default_rng(seed)
+    groups: dict[Any, list[int]] = {}
+    for i, lab in enumerate(labels):
+        groups.setdefault(lab, []).append(i)
+    parts = []
+    for lab in sorted(groups, key=repr):
+        rows = np.asarray(groups[lab])
+        parts.append(rows[rng.integers(0, len(rows), size=(n_boot, len(rows)))])
+    idx = np.concatenate(parts, axis=1)  # [B, N]
+    sample = x[idx]  # [B, N, R]
+    finite = np.isfinite(sample)
+    counts = finite.sum(axis=1)
+    sums = np.where(finite, sample, 0.0).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = sums / counts  # [B, R]; NaN where a recipe has no value in the replicate
+    score = means if higher_is_better else -means
+    score = np.where(np.isfinite(score), score, -np.inf)
+    best = score.max(axis=1, keepdims=True)
+    win = (score == best) & np.isfinite(best)
+    credit = win / np.maximum(win.sum(axis=1, keepdims=True), 1)
+    return pd.Series(credit.mean(axis=0), index=cols, dtype="float64")
+
+
+def rank_correlation(a: Mapping[Any, Any] | Any, b: Mapping[Any, Any] | Any) -> dict[str, float]:
+    """Kendall τ-b and Spearman ρ between two scorings of the same items (e.g. recipe means under two
+    teachers), over the items both score finitely: ``{"kendall_tau", "kendall_p", "spearman_rho",
+    "spearman_p", "n"}`` (scipy's two-sided p-values; NaN with fewer than 2 items or a constant side)."""
+    ma, mb = _as_mapping(a), _as_mapping(b)
+    keys = [k for k in sorted(set(ma) & set(mb), key=repr)
+            if ma[k] is not None and mb[k] is not None
+            and math.isfinite(float(ma[k])) and math.isfinite(float(mb[k]))]
+    xa = np.asarray([float(ma[k]) for k in keys])
+    xb = np.asarray([float(mb[k]) for k in keys])
+    out = {"kendall_tau": math.nan, "kendall_p": math.nan, "spearman_rho": math.nan,
+           "spearman_p": math.nan, "n": len(keys)}
+    if len(keys) < 2 or np.ptp(xa) == 0 or np.ptp(xb) == 0:
+        return out
+    kt = _st.kendalltau(xa, xb)
+    sr = _st.spearmanr(xa, xb)
+    out.update(kendall_tau=float(kt.statistic), kendall_p=float(kt.pvalue),
+               spearman_rho=float(sr.statistic), spearman_p=float(sr.pvalue))
+    return out
 
 
 def pareto_front(
