@@ -54,12 +54,16 @@ def swap_in(staging: Path, dest: Path) -> None:
 
 
 def readme_table(leaderboard_md: Path) -> str:
-    """The README's results block: the leaderboard's main table and stamp, read from the published file."""
-    text = leaderboard_md.read_text()
-    lines = text.splitlines()
-    table = [ln for ln in lines if ln.startswith("|")]
-    stamp = [ln for ln in lines if ln.startswith("> ")]
-    return "\n".join([*stamp, "", *table]) if stamp else "\n".join(table)
+    """The README's results block: the compact table (harness.report.render_markdown_table) read from the
+    published leaderboard files, and the provenance stamp of leaderboard.md."""
+    stamp = [ln for ln in leaderboard_md.read_text().splitlines() if ln.startswith("> ")]
+    if (leaderboard_md.parent / "leaderboard.csv").exists():
+        from .report.render import render_markdown_table
+
+        table = render_markdown_table(leaderboard_md.parent)
+    else:
+        table = "\n".join(ln for ln in leaderboard_md.read_text().splitlines() if ln.startswith("|"))
+    return "\n".join([*stamp, "", table]) if stamp else table
 
 
 def update_readme(suite_name: str, leaderboard_md: Path, readme: Path = README) -> bool:
@@ -134,7 +138,7 @@ def check(suite) -> tuple[bool, list[str]]:
     prov_path = dest / "provenance.json"
     if not prov_path.exists():
         return False, [f"{dest}: nothing published (no provenance.json); run the suite, then `distillbench publish`"]
-    prov = read_json(prov_path)
+    prov = read_json(prov_path).get("provenance") or {}
     ok = True
     current = {"code_digest": code_digest(), "report_code_digest": report_code_digest()}
     for key, value in current.items():
@@ -148,14 +152,13 @@ def check(suite) -> tuple[bool, list[str]]:
         ok = False
         lines.append(f"stale: plan fingerprint {prov.get('plan_digest')} when published, {plan} now "
                      "(suite, recipes, objective sources or data changed)")
-    libs = library_versions()
-    for name, version in (prov.get("libraries") or {}).items():
-        if libs.get(name) != version:
-            lines.append(f"note: {name} {version} when published, {libs.get(name)} here (numbers may differ)")
+    libs = ", ".join(f"{k} {v}" for k, v in library_versions().items())
+    if prov.get("libraries") != libs:
+        lines.append(f"note: libraries when published: {prov.get('libraries')}; here: {libs} (numbers may differ)")
     produced = suite.leaderboard_dir / SCORES
     if produced.exists() and (dest / SCORES).exists():
         run_prov = suite.leaderboard_dir / "provenance.json"
-        if run_prov.exists() and read_json(run_prov).get("plan_digest") != plan:
+        if run_prov.exists() and (read_json(run_prov).get("provenance") or {}).get("plan_digest") != plan:
             lines.append(f"the run in {suite.leaderboard_dir} was made by another plan; not compared")
         else:
             diffs = compare_scores(dest / SCORES, produced)

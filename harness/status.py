@@ -51,7 +51,7 @@ def status(suite, top: int = 5) -> str:
     board = suite.leaderboard_dir / "leaderboard.csv"
     prov = suite.leaderboard_dir / "provenance.json"
     if board.exists():
-        current = prov.exists() and read_json(prov).get("plan_digest") == fp.plan_digest()
+        current = prov.exists() and (read_json(prov).get("provenance") or {}).get("plan_digest") == fp.plan_digest()
         lines.append(f"leaderboard {board} ({'current' if current else 'STALE: made by another plan'}); top {top}:")
         with open(board, newline="") as fh:
             rows = [r for r in csv.DictReader(fh) if (r.get("Rank") or "").strip().isdigit()]

@@ -340,8 +340,12 @@ def eval_sets(suite: Suite) -> dict[str, list[dict]]:
 def lm_eval_tasks(suite: Suite, sets: dict[str, list[dict]]) -> tuple[dict, dict]:
     """Task files for lm-eval built from the evaluation sets (``evaluation.lm_eval.tasks``).
 
-    A ``mc`` task keeps the items that carry ``choices``/``label``; a ``gen`` task uses every item.
+    A ``mc`` task keeps the items that carry ``choices``/``label``; ``mc_skills`` builds 4-way choices from the
+    one-answer skill items (arithmetic, list tasks: what a small student can learn; distractors are other items'
+    answers of the same family); a ``gen`` task uses every item.
     """
+    from .evaluation.lm_eval_bridge import mc_items_from_answers
+
     spec = suite.evaluation["lm_eval"] or {}
     tasks: dict[str, dict] = {}
     out_dir = suite.workdir / "lm_eval"
@@ -349,8 +353,11 @@ def lm_eval_tasks(suite: Suite, sets: dict[str, list[dict]]) -> tuple[dict, dict
         items = sets[entry["set"]]
         if entry["kind"] == "mc":
             items = [it for it in items if "choices" in it and "label" in it]
+        elif entry["kind"] == "mc_skills":
+            items = mc_items_from_answers([it for it in items if "choices" not in it])
         path = write_jsonl_atomic(out_dir / f"{entry['name']}.jsonl", items)
-        tasks.setdefault(entry["set"], {})[entry["name"]] = {"path": str(path), "kind": entry["kind"]}
+        kind = "mc" if entry["kind"] == "mc_skills" else entry["kind"]
+        tasks.setdefault(entry["set"], {})[entry["name"]] = {"path": str(path), "kind": kind}
     kwargs = {"limit": spec.get("limit"), "standard_tasks": tuple(spec.get("standard") or ())}
     if kwargs["standard_tasks"] and sets:  # standard tasks (Hub data) run once, reported with the first set
         tasks.setdefault(next(iter(sets)), {})
@@ -467,7 +474,8 @@ def provenance(suite: Suite, fingerprints: Fingerprints) -> dict:
         pass
     return {"suite": suite.name, "suite_file": suite.origin, "git_rev": rev, "git_dirty": dirty,
             "code_digest": code_digest(), "report_code_digest": report_code_digest(),
-            "plan_digest": fingerprints.plan_digest(), "libraries": library_versions(),
+            "plan_digest": fingerprints.plan_digest(),
+            "libraries": ", ".join(f"{k} {v}" for k, v in library_versions().items()),
             "machine": machine(resolve_device(suite.device)), "device": resolve_device(suite.device)}
 
 

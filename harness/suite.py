@@ -100,7 +100,8 @@ LM_EVAL_SCHEMA = {
 LM_EVAL_TASK_SCHEMA = {
     "name": Field((str,), required=True, help="task name (letters, digits, _)"),
     "set": Field((str,), required=True, help="the evaluation set (evaluation.sets[].name) it is built from"),
-    "kind": Field((str,), required=True, choices=("mc", "gen"), help="mc: log-likelihood choice; gen: generate"),
+    "kind": Field((str,), required=True, choices=("mc", "mc_skills", "gen"),
+                  help="mc: the set's own choices; mc_skills: choices built from one-answer skill items; gen: generate"),
 }
 
 SUITE_SCHEMA = {

@@ -638,7 +638,7 @@ def test_publish_reports_missing_and_unreadable_runs(tmp_path):
     text = json.dumps(record("rkl", 1, 30.0))
     (records / "rkl-1.json").write_text(text[: len(text) // 2])  # a non-atomic writer died here
     expected = [(r, s, "test") for r in ("sft", "fkl", "rkl") for s in (1, 2)]
-    out = publish(records, tmp_path / "results", baseline="sft", expected=expected)
+    out = publish(sorted(records.glob("*.json")), tmp_path / "results", baseline="sft", expected=expected)
     problems = read_json(out["problems"])
     assert any("rkl-1.json" in p and "invalid JSON" in p for p in problems["unreadable_records"])
     assert {(r["recipe"], r["seed"]) for r in problems["missing_runs"]} == {("fkl", 2), ("rkl", 1), ("rkl", 2)}
