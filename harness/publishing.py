@@ -36,7 +36,7 @@ def check_writable(directory: Path) -> None:
     probe = directory
     while not probe.exists():
         probe = probe.parent
-    if not os.access(probe, os.W_OK | os.X_OK):
+    if not os.access(probe, os.W_OK | (os.X_OK if probe.is_dir() else 0)):
         raise ConfigError(f"{directory}: not writable ({probe} is read-only); make it writable or set the "
                           "suite's 'results' key to another directory")
 
@@ -92,10 +92,8 @@ def publish(suite) -> Path:
                           f"--configfile {suite.origin})")
     dest = Path(suite.results)
     check_writable(dest.parent)
-    if README.exists():
-        check_writable(README)
-        if not os.access(README, os.W_OK):
-            raise ConfigError(f"{README}: not writable; make it writable to publish the results table")
+    if README.exists() and _marker(suite.name)[0] in README.read_text() and not os.access(README, os.W_OK):
+        raise ConfigError(f"{README}: not writable; make it writable to publish the results table")
     staging = dest.with_name(f".{dest.name}.staging")
     if staging.exists():
         shutil.rmtree(staging)
@@ -105,15 +103,16 @@ def publish(suite) -> Path:
     return dest
 
 
-def _read_scores(path: Path) -> dict[tuple[str, str], float]:
+def _read_scores(path: Path) -> dict[tuple[str, ...], float]:
+    """``scores.csv`` (long format: key columns, ``metric``, ``value``) as {(key..., metric): value}."""
     import csv
 
     out = {}
     with open(path, newline="") as fh:
         for row in csv.DictReader(fh):
-            key = row.pop("recipe")
-            for col, value in row.items():
-                out[(key, col)] = float(value) if value not in ("", None) else math.nan
+            value = row.pop("value")
+            key = tuple(f"{k}={v}" for k, v in row.items())
+            out[key] = float(value) if value not in ("", None) else math.nan
     return out
 
 
@@ -125,7 +124,8 @@ def compare_scores(published: Path, produced: Path) -> list[str]:
         x, y = a.get(key), b.get(key)
         same = x is not None and y is not None and (x == y or (math.isnan(x) and math.isnan(y)))
         if not same:
-            diffs.append(f"{key[0]} / {key[1]}: published {x!r}, this run {y!r}")
+            diffs.append(f"{', '.join(k for k in key if not k.startswith(('suite=', 'hparams=', 'phase=')))}: "
+                         f"published {x!r}, this run {y!r}")
     return diffs
 
 

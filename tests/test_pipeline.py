@@ -61,8 +61,8 @@ def test_smoke_suite_writes_a_leaderboard_under_work_only(smoke_run):
     for seed in (1, 2):
         tokens = {r["costs"]["tokens"] for r in runs if r["seed"] == seed}
         assert len(tokens) == 1, "recipes of one seed must see exactly the same tokens"
-    prov = json.loads((results / "provenance.json").read_text())
-    for key in ("code_digest", "plan_digest", "libraries", "machine", "git_rev"):
+    prov = json.loads((results / "provenance.json").read_text())["provenance"]
+    for key in ("code_digest", "plan_digest", "libraries", "machine", "git_rev"):  # the stamp
         assert key in prov, key
     assert "code_digest" in (results / "leaderboard.md").read_text()  # the stamp is on the table
     record = json.loads((tmp / "work" / "records" / "fkl" / "seed1" / "test.json").read_text())
@@ -80,7 +80,7 @@ def test_publish_then_check_reports_reproduced(smoke_run):
     d = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
     d.update(workdir=str(tmp / "work"), results=str(tmp / "results"), origin="config/smoke.yaml")
     cfg.write_text(yaml.safe_dump(d))
-    run = lambda *a: subprocess.run([sys.executable, "-m", "harness.cli", *a, "--config", str(cfg)], cwd=tmp,
+    run = lambda *a: subprocess.run([sys.executable, "-m", "harness.cli", *a, "--config", str(cfg)], cwd=REPO,
                                     capture_output=True, text=True, env=_env(), timeout=300)
     before = run("check")
     assert before.returncode == 1 and "nothing published" in before.stdout

@@ -348,11 +348,11 @@ def test_readme_table_is_generated_between_markers(tmp_path):
 
 def test_compare_scores_is_exact(tmp_path):
     a, b = tmp_path / "a.csv", tmp_path / "b.csv"
-    a.write_text("recipe,rougeL\nfkl,20.5\nsft,\n")
-    b.write_text("recipe,rougeL\nfkl,20.5\nsft,\n")
+    a.write_text("suite,recipe,seed,metric,value\ns,fkl,1,rougeL,20.5\ns,sft,1,rougeL,\n")
+    b.write_text("suite,recipe,seed,metric,value\ns,fkl,1,rougeL,20.5\ns,sft,1,rougeL,\n")
     assert compare_scores(a, b) == []
-    b.write_text("recipe,rougeL\nfkl,20.500000000000004\nsft,\n")
-    assert compare_scores(a, b) == ["fkl / rougeL: published 20.5, this run 20.500000000000004"]
+    b.write_text("suite,recipe,seed,metric,value\ns,fkl,1,rougeL,20.500000000000004\ns,sft,1,rougeL,\n")
+    assert compare_scores(a, b) == ["recipe=fkl, seed=1, metric=rougeL: published 20.5, this run 20.500000000000004"]
 
 
 # ------------------------------------------------------------------------------ the Snakefile and its jobs
