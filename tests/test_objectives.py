@@ -1070,3 +1070,37 @@ def test_bench_objectives_smoke(tmp_path):
     text = out.read_text()
     assert "| fkl | 4 |" in text and "| fkl | - |" in text and "cross_entropy (torch)" in text
     assert "sinkhorn" in text and "torch " + torch.__version__ in text
+
+
+def test_user_objective_declares_ranges_and_types_come_from_its_signature(tmp_path, monkeypatch):
+    module = "my_ranged_obj"
+    (tmp_path / f"{module}.py").write_text(HELLINGER_SRC + textwrap.dedent(
+        '''
+        hellinger.param_ranges = {"scale": {"gt": 0, "help": "multiplies the loss"}}
+
+
+        def typed(log_q, log_p, k: int = 2, mode: str = "a", flag=False):
+            return (log_q * 0).sum(-1)
+
+
+        def bad_range(log_q, log_p, scale: float = 1.0):
+            return (log_q * 0).sum(-1)
+
+
+        bad_range.param_ranges = {"scael": {"gt": 0}}
+        '''
+    ))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    assert O.get(f"{module}:hellinger", scale=2).params == {"scale": 2.0}
+    with pytest.raises(O.ObjectiveError, match=r"'scale' must be > 0, got -1 \(multiplies the loss\); set scale to a number > 0"):
+        O.get(f"{module}:hellinger", scale=-1)
+    assert O.get(f"{module}:typed", k=3, mode="b", flag=True).params == {"k": 3, "mode": "b", "flag": True}
+    for bad in ({"k": 2.5}, {"k": True}, {"mode": 1}, {"flag": 0}):
+        with pytest.raises(O.ObjectiveError):
+            O.get(f"{module}:typed", **bad)
+    with pytest.raises(O.ObjectiveError, match="scael"):
+        O.get(f"{module}:bad_range")
+    rows = O.describe([f"{module}:hellinger"])
+    assert rows[0]["params"] == [{"name": "scale", "type": "number", "default": 1.0, "range": "> 0",
+                                  "help": "multiplies the loss"}]

@@ -348,3 +348,39 @@ def test_sinkhorn_matches_sinkd_with_mass_n(n, v, seed, scale):
     # the unit-mass default is SinKD's value / (N · scale): without mass='positions' the weight would be off by N
     unit = O.get("sinkhorn", debias=False)(s, t, temperature=2.0)
     assert unit.item() * n * scale == pytest.approx(ref.item(), rel=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# method cards: every term of every recipe passes validation; these recipes name their reference
+# ----------------------------------------------------------------------------------------------------------
+CARDS = ["ab", "akl", "bdkd", "fkl", "jsd", "rkl", "sft", "sinkhorn", "sinkhorn_only", "skl", "srkl", "todi", "tvd"]
+
+
+def _recipe(name):
+    import yaml
+    from pathlib import Path
+
+    return yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes" / f"{name}.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", CARDS)
+def test_method_cards_name_paper_code_at_a_commit_and_deviations(name):
+    r = _recipe(name)
+    ref = r["reference"]
+    assert ref["paper"] and isinstance(ref["deviations"], list)
+    assert "@" in ref["code"] and len(ref["code"].split("@")[1].split()[0]) == 40  # owner/repo@<full sha>
+    terms = r.get("loss") or [{"objective": r["objective"], "params": r.get("params") or {}}]
+    for term in terms:
+        O.get(term["objective"], **(term.get("params") or {}))  # raises on any invalid parameter
+    assert r["dropout"] in ("keep", "disable")
+
+
+def test_sinkhorn_recipe_is_sinkd_language_model_combination():
+    terms = {t["objective"]: t for t in _recipe("sinkhorn")["loss"]}
+    assert set(terms) == {"ce", "fkl", "sinkhorn"}
+    assert terms["ce"]["weight"] == 1.0
+    assert terms["fkl"]["weight"] == 0.1 and terms["fkl"]["temperature"] == 1.0
+    sk = terms["sinkhorn"]
+    assert sk["weight"] == 0.0008 and sk["temperature"] == 2.0
+    assert sk["params"] == {"epsilon": 0.1, "n_iters": 20, "debias": False, "mass": "positions", "max_positions": 256}
+    assert "ABLATION" in _recipe("sinkhorn_only")["description"]

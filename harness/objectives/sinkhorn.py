@@ -36,8 +36,9 @@ Released code read: ``2018cx/SinKD@1ffac9010a4fc462d05e7ea0a0753aca062eca62`` ``
 The T0 code passes 3-D ``[B, L, V]`` logits to the same 2-D routine: its ``Softmax(dim=1)`` then normalises
 over the *positions* of each sequence rather than the vocabulary, ``cdist`` builds one L × L cost per
 sequence, and the ``dim=0`` normalisation of ``sinkhorn_normalized`` runs across the *batch* (so with one
-sequence per batch every plan entry is 1). We apply SinKD's stated formulation (rows = positions, each a
-distribution over the vocabulary, one plan per batch) instead; the recipe lists this as a deviation.
+sequence per batch every plan entry is 1). We apply the batch-wise form of the GLUE code, whose rows are the
+samples of a batch, to the counted positions (each row a distribution over the vocabulary, one plan per
+batch) instead; the recipe lists this as a deviation.
 """
 
 from __future__ import annotations
