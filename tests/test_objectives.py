@@ -1104,3 +1104,22 @@ def test_user_objective_declares_ranges_and_types_come_from_its_signature(tmp_pa
     rows = O.describe([f"{module}:hellinger"])
     assert rows[0]["params"] == [{"name": "scale", "type": "number", "default": 1.0, "range": "> 0",
                                   "help": "multiplies the loss"}]
+
+
+@pytest.mark.parametrize("alpha, beta", [(0.2, 0.7), (0.0, 0.5), (0.3, 0.0), (0.0, 0.0), (0.5, -0.5), (2.0, 1.5),
+                                         (-0.4, 0.9), (1e-3, 1e-3)])
+def test_ab_closed_form_gradient_in_both_arguments(alpha, beta):
+    """ab's custom backward (∂/∂log q and, by symmetry, ∂/∂log p) against finite differences, with a padded
+    column (both -inf, clamped as the wrapper does) that must get exactly zero gradient."""
+    from harness.objectives import divergences as D
+
+    g = torch.Generator().manual_seed(31)
+    lq = torch.log_softmax(2 * torch.randn(3, 6, generator=g, dtype=torch.float64), -1)
+    lp = torch.log_softmax(2 * torch.randn(3, 6, generator=g, dtype=torch.float64), -1)
+    assert torch.autograd.gradcheck(lambda a, b: D.ab(a, b, alpha, beta),
+                                    (lq.clone().requires_grad_(True), lp.clone().requires_grad_(True)))
+    low = torch.finfo(torch.float64).min
+    lqp = torch.cat([lq, torch.full((3, 1), low, dtype=torch.float64)], -1).requires_grad_(True)
+    lpp = torch.cat([lp, torch.full((3, 1), low, dtype=torch.float64)], -1).requires_grad_(True)
+    gq, gp = torch.autograd.grad(D.ab(lqp, lpp, alpha, beta).sum(), (lqp, lpp))
+    assert (gq[:, -1] == 0).all() and (gp[:, -1] == 0).all() and torch.isfinite(gq).all() and torch.isfinite(gp).all()

@@ -225,10 +225,14 @@ def ab(log_q: Tensor, log_p: Tensor, alpha: float = 0.2, beta: float = 0.7) -> T
     every summand is ≥ 0 and nothing cancels: the naive formula subtracts three nearly equal sums and divides
     by αβ. Float32 accuracy, measured against float64 on the same inputs (32 positions, V = 32,000, teacher
     logits N(0, 3²), student = teacher + N(0, σ²) noise with σ ∈ {0.03, 0.3} or independent), relative error of
-    the token mean: ours ≤ 5e-7 for every (α, β) in {(0.2, 0.7), (0.05, 0.05), (0.01, 0.01), (1e-3, 1e-3),
+    the token mean: ours ≤ 6e-7 for every (α, β) in {(0.2, 0.7), (0.05, 0.05), (0.01, 0.01), (1e-3, 1e-3),
     (1e-4, 1e-4), (1e-4, 0.7)}; the naive formula in float32 (as the released ``ab_div`` computes it) has
     1.8e-3 at (0.2, 0.7) and σ = 0.03, 4e-2 at (0.01, 0.01), 0.14 at (1e-3, 1e-3), 8.9 at (1e-4, 1e-4).
     For every (α, β) the divergence is ≥ 0, with equality iff p = q (Cichocki et al. 2011).
+    The gradient is closed-form (a custom backward, :class:`_ABDivergence`): ∂/∂log q_v =
+    e^(α log p + β log q)·expm1(−α d)/α (α = 0: −q^β d), as accurate as the value (float32 vs float64 relative
+    error 1e-5 at (0.2, 0.7) and 5e-5 at (1e-3, 1e-3) with σ = 0.03, the floor set by d = log p − log q in
+    float32), and only the two inputs are kept for it.
 
     Tokens where either distribution is exactly 0 (a ``-inf`` logit) contribute 0 with zero gradient, as
     the released ``ab_div``'s ``inf_mask`` does in its general case. Deviation from the released ``ab_div``
@@ -238,24 +242,70 @@ def ab(log_q: Tensor, log_p: Tensor, alpha: float = 0.2, beta: float = 0.7) -> T
     continuous in (α, β) and the released value is ours × β (α = 0), × α (β = 0 or α + β = 0). Its α = 0, β = 0
     and α + β = 0 branches also give NaN where both logits are ``-inf`` (0/0 and 0·log 0); ours gives 0.
     """
+    return _ABDivergence.apply(log_q, log_p, float(alpha), float(beta))
+
+
+def _ab_inputs(log_q: Tensor, log_p: Tensor):
+    """Padded entries (either side ``-inf``) replaced by 0 on both sides: d = 0 there, so they give 0."""
     pad = _padded(log_p) | _padded(log_q)
     zero = torch.zeros((), dtype=log_p.dtype, device=log_p.device)
-    lp = torch.where(pad, zero, log_p)
-    lq = torch.where(pad, zero, log_q)
+    return pad, torch.where(pad, zero, log_q), torch.where(pad, zero, log_p)
+
+
+def _ab_terms(lq: Tensor, lp: Tensor, alpha: float, beta: float) -> Tensor:
+    """Per-token α-β divergence terms [N, V] in the cancellation-free form of :func:`ab`."""
     d = lp - lq
     s = alpha + beta
     if alpha == 0.0 and beta == 0.0:
-        terms = 0.5 * d * d
-    elif alpha == 0.0:
-        terms = _exp_phi(beta * lq, beta * d) / (beta * beta)
-    elif beta == 0.0:
-        terms = _exp_phi(alpha * lp, -alpha * d) / (alpha * alpha)
-    elif s == 0.0:
-        terms = _exp_phi(torch.zeros_like(d), alpha * d) / (alpha * alpha)
-    else:
-        base = alpha * lp + beta * lq
-        terms = _exp_phi(base, beta * d) / (beta * s) + _exp_phi(base, -alpha * d) / (alpha * s)
-    return torch.where(pad, zero, terms).sum(-1)
+        return 0.5 * d * d
+    if alpha == 0.0:
+        return _exp_phi(beta * lq, beta * d) / (beta * beta)
+    if beta == 0.0:
+        return _exp_phi(alpha * lp, -alpha * d) / (alpha * alpha)
+    if s == 0.0:
+        return _exp_phi(torch.zeros_like(d), alpha * d) / (alpha * alpha)
+    base = alpha * lp + beta * lq
+    return _exp_phi(base, beta * d) / (beta * s) + _exp_phi(base, -alpha * d) / (alpha * s)
+
+
+def _ab_grad(lq: Tensor, lp: Tensor, alpha: float, beta: float) -> Tensor:
+    """∂(terms)/∂log q_v = e^(α log p + β log q)·expm1(−α d)/α, d = log p − log q (every case, limits included:
+    α = 0 gives −q^β d). Written as (e^((α+β) log q) − e^(α log p + β log q))/α where |α d| > 1 (no overflow)."""
+    d = lp - lq
+    if alpha == 0.0:
+        return -torch.exp(beta * lq) * d
+    base = alpha * lp + beta * lq
+    z = -alpha * d
+    big = z.abs() > 1.0
+    near = torch.exp(base) * torch.expm1(torch.where(big, torch.zeros_like(z), z)) / alpha
+    far = (torch.exp((alpha + beta) * lq) - torch.exp(base)) / alpha
+    return torch.where(big, far, near)
+
+
+class _ABDivergence(torch.autograd.Function):
+    """Σ_v of :func:`_ab_terms` per row, with the closed-form gradient of :func:`_ab_grad`: nothing but the two
+    inputs is kept for the backward pass (autograd through the three-branch forward would keep ~20 [N, V]
+    temporaries), and the gradient is as accurate as the value. D^(α,β)(p‖q) = D^(β,α)(q‖p) gives ∂/∂log p."""
+
+    @staticmethod
+    def forward(ctx, log_q, log_p, alpha, beta):
+        pad, lq, lp = _ab_inputs(log_q, log_p)
+        ctx.save_for_backward(log_q, log_p)
+        ctx.alpha, ctx.beta = alpha, beta
+        return torch.where(pad, torch.zeros((), dtype=lq.dtype, device=lq.device), _ab_terms(lq, lp, alpha, beta)).sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        log_q, log_p = ctx.saved_tensors
+        pad, lq, lp = _ab_inputs(log_q, log_p)
+        zero = torch.zeros((), dtype=lq.dtype, device=lq.device)
+        g = grad_out.unsqueeze(-1)
+        grad_q = grad_p = None
+        if ctx.needs_input_grad[0]:
+            grad_q = g * torch.where(pad, zero, _ab_grad(lq, lp, ctx.alpha, ctx.beta))
+        if ctx.needs_input_grad[1]:
+            grad_p = g * torch.where(pad, zero, _ab_grad(lp, lq, ctx.beta, ctx.alpha))
+        return grad_q, grad_p, None, None
 
 
 def todi(log_q: Tensor, log_p: Tensor) -> Tensor:
