@@ -138,6 +138,8 @@ def akl(log_q: Tensor, log_p: Tensor, mu: float = 0.5) -> Tensor:
     Differences from the released code: τ comes from the recipe (the released AKL uses τ = 1 by having none),
     and ``-inf`` logits are probability 0 here, where ``get_ratio`` replaces them by logit 0 before the
     softmax (this only matters for padded vocabularies).
+    Limits: the value lies between KL(p‖q) and KL(q‖p); μ below the top-1 probability puts only the top-1
+    token in the head; μ = 1 puts every token in the head up to round-off of the cumulative sum (w = 1: KL(p‖q)).
     """
     with torch.no_grad():
         p, q = log_p.exp(), log_q.exp()
