@@ -19,9 +19,10 @@ from hypothesis.extra import numpy as hnp
 
 import harness.objectives as O
 
-DIVERGENCES = ["fkl", "rkl", "jsd", "tvd", "skl", "srkl", "akl"]  # per-position, need a teacher
+DIVERGENCES = ["fkl", "rkl", "jsd", "tvd", "skl", "srkl", "akl", "bdkd", "ab", "todi"]  # per-position, teacher
 ALL_IDS = DIVERGENCES + ["sinkhorn", "ce"]
-SMOOTH = ["fkl", "rkl", "jsd", "skl", "srkl"]  # differentiable everywhere (tvd has |·|, akl a stopped weight)
+# differentiable everywhere (tvd has |·|, akl/todi a stopped weight, bdkd a piecewise-constant gate)
+SMOOTH = ["fkl", "rkl", "jsd", "skl", "srkl", "ab"]
 
 PROP = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -66,16 +67,34 @@ def _np_kl(a, b):
 
 
 def _akl_weight(p, q, mu):
-    """w per row: head = smallest set of the most probable teacher tokens with mass ≥ μ."""
+    """w per row, as AKL's released get_ratio: sort p decreasingly; a token is in the tail when the inclusive
+    cumulative teacher mass up to it exceeds μ, the top-1 token always in the head; w = Σ_head|p−q| / Σ|p−q|."""
     w = np.empty(p.shape[0])
     for i in range(p.shape[0]):
         order = np.argsort(-p[i], kind="stable")
         cum = np.cumsum(p[i][order])
-        k = int(np.searchsorted(cum, mu))  # first index with cum ≥ μ (up to round-off at the boundary)
-        head = order[: k + 1]
+        head = [order[0]] + [order[j] for j in range(1, len(order)) if cum[j] <= mu]
         gap = np.abs(p[i] - q[i])
         w[i] = gap[head].sum() / gap.sum() if gap.sum() > 0 else 0.5
     return w
+
+
+def _np_entropy(a):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return -np.where(a > 0, a * np.log(a), 0.0).sum(-1)
+
+
+def _np_ab(p, q, a, b):
+    """Cichocki's α-β divergence per row, written from its definition (float64; p, q > 0)."""
+    if a == 0 and b == 0:
+        return 0.5 * ((np.log(p) - np.log(q)) ** 2).sum(-1)
+    if a == 0:
+        return (q**b * np.log(q**b / p**b) - q**b + p**b).sum(-1) / b**2
+    if b == 0:
+        return (p**a * np.log(p**a / q**a) - p**a + q**a).sum(-1) / a**2
+    if a + b == 0:
+        return (np.log(q**a / p**a) + p**a / q**a - 1).sum(-1) / a**2
+    return -(p**a * q**b - a / (a + b) * p ** (a + b) - b / (a + b) * q ** (a + b)).sum(-1) / (a * b)
 
 
 def _ref(name, s, t, temperature=1.0, **params):
@@ -100,6 +119,15 @@ def _ref(name, s, t, temperature=1.0, **params):
     if name == "akl":
         w = _akl_weight(p, q, params.get("mu", 0.5))
         return w * _np_kl(p, q) + (1 - w) * _np_kl(q, p)
+    if name == "bdkd":
+        hi, lo = params.get("weight_high", 3.0), params.get("weight_low", 1.0)
+        hp, hq = _np_entropy(p), _np_entropy(q)
+        return np.where(hp > hq, hi, lo) * _np_kl(p, q) + np.where(hq > hp, hi, lo) * _np_kl(q, p)
+    if name == "ab":
+        return _np_ab(p, q, params.get("alpha", 0.2), params.get("beta", 0.7))
+    if name == "todi":
+        w = 1.0 / (1.0 + np.exp(-(np.log(p) - np.log(q))))
+        return (w * p * np.log(p / q) + (1 - w) * q * np.log(q / p)).sum(-1)
     raise KeyError(name)
 
 
@@ -154,7 +182,10 @@ def test_unknown_id_names_it_and_lists_known():
         ("skl", "beta", ["alpha"]),
         ("jsd", "alpha", ["beta"]),
         ("akl", "beta", ["mu"]),
-        ("sinkhorn", "mu", ["epsilon", "n_iters", "max_positions", "debias"]),
+        ("sinkhorn", "mu", ["epsilon", "n_iters", "max_positions", "debias", "mass"]),
+        ("ab", "mu", ["alpha", "beta"]),
+        ("bdkd", "alpha", ["weight_high", "weight_low"]),
+        ("todi", "beta", []),
     ],
 )
 def test_unknown_parameter_names_id_parameter_and_accepted(name, bad, accepted):
@@ -213,9 +244,6 @@ HAND_V2 = [
     # β=0.9: m = (0.475, 0.525)
     ("jsd", {"beta": 0.9}, 0.9 * (0.5 * math.log(0.5 / 0.475) + 0.5 * math.log(0.5 / 0.525))
      + 0.1 * (0.25 * math.log(0.25 / 0.475) + 0.75 * math.log(0.75 / 0.525))),
-    # endpoints of the generalized JSD are 0 (β scales, it does not pick a direction)
-    ("jsd", {"beta": 0.0}, 0.0),
-    ("jsd", {"beta": 1.0}, 0.0),
     # ½(|0.5−0.25| + |0.5−0.75|)
     ("tvd", {}, 0.25),
     # α=0.1: m = 0.1p + 0.9q = (0.275, 0.725); KL(p‖m)
@@ -226,6 +254,22 @@ HAND_V2 = [
     # α=0.1: m = 0.9p + 0.1q = (0.475, 0.525); KL(q‖m)
     ("srkl", {}, 0.25 * math.log(0.25 / 0.475) + 0.75 * math.log(0.75 / 0.525)),
     ("srkl", {"alpha": 0.0}, 0.25 * math.log(0.5) + 0.75 * math.log(1.5)),
+    # H(p) = log 2 > H(q): weight 3 on KL(p‖q), 1 on KL(q‖p)
+    ("bdkd", {}, 3 * 0.5 * math.log(4 / 3) + (0.25 * math.log(0.5) + 0.75 * math.log(1.5))),
+    ("bdkd", {"weight_high": 2.0, "weight_low": 0.5}, 2 * 0.5 * math.log(4 / 3)
+     + 0.5 * (0.25 * math.log(0.5) + 0.75 * math.log(1.5))),
+    # ToDi's value is Σ (p − q)(log p − log q) = (½−¼)log 2 + (½−¾)log(2/3)
+    ("todi", {}, 0.25 * math.log(2) - 0.25 * math.log(2 / 3)),
+    # α = β = ½: −4 Σ [√(pq) − ½p − ½q] = 4 − 4 Σ √(pq) = 4 − (√2 + √6)   (4 × squared Hellinger)
+    ("ab", {"alpha": 0.5, "beta": 0.5}, 4 - (math.sqrt(2) + math.sqrt(6))),
+    # α = 1, β = 1: −Σ [pq − ½p² − ½q²] = ½ Σ (p − q)² = ½ (1/16 + 1/16)
+    ("ab", {"alpha": 1.0, "beta": 1.0}, 1 / 16),
+    # α = 1, β = 0 is KL(p‖q); α = 0, β = 1 is KL(q‖p); α = β = 0: ½ Σ log²(p/q) = ½ (log² 2 + log²(2/3))
+    ("ab", {"alpha": 1.0, "beta": 0.0}, 0.5 * math.log(4 / 3)),
+    ("ab", {"alpha": 0.0, "beta": 1.0}, 0.25 * math.log(0.5) + 0.75 * math.log(1.5)),
+    ("ab", {"alpha": 0.0, "beta": 0.0}, 0.5 * (math.log(2) ** 2 + math.log(2 / 3) ** 2)),
+    # α = 1, β = −1: Σ [log(q/p) + p/q − 1] = log ½ + 2 − 1 + log(3/2) + 2/3 − 1
+    ("ab", {"alpha": 1.0, "beta": -1.0}, math.log(0.5) + 1 + math.log(1.5) - 1 / 3),
 ]
 
 
@@ -249,29 +293,121 @@ def test_hand_values_are_true_divergences_not_cross_entropy():
     assert abs(got - (0.5 * math.log(4 / 3) + math.log(2))) > 0.5
 
 
-# AKL on V = 3: p = (0.6, 0.3, 0.1), q = (0.4, 0.1, 0.5); |p−q| = (0.2, 0.2, 0.4), Σ = 0.8
-P3, Q3 = [0.6, 0.3, 0.1], [0.4, 0.1, 0.5]
-FKL3 = 0.6 * math.log(0.6 / 0.4) + 0.3 * math.log(0.3 / 0.1) + 0.1 * math.log(0.1 / 0.5)
-RKL3 = 0.4 * math.log(0.4 / 0.6) + 0.1 * math.log(0.1 / 0.3) + 0.5 * math.log(0.5 / 0.1)
+# AKL on V = 4 with dyadic probabilities (no ties): p = (1/2, 1/4, 3/16, 1/16), inclusive cumulative teacher mass
+# (1/2, 3/4, 15/16, 1); q = (1/4, 1/8, 1/2, 1/8); |p − q| = (1/4, 1/8, 5/16, 1/16), Σ = 3/4.
+P4, Q4 = [0.5, 0.25, 0.1875, 0.0625], [0.25, 0.125, 0.5, 0.125]
+FKL4 = sum(x * math.log(x / y) for x, y in zip(P4, Q4))
+RKL4 = sum(y * math.log(y / x) for x, y in zip(P4, Q4))
 
 
 @pytest.mark.parametrize(
     "mu, w",
     [
-        (0.5, 0.25),  # head {0} (0.6 ≥ 0.5): w = 0.2 / 0.8
-        (0.3, 0.25),  # head {0}
-        (0.7, 0.5),  # head {0, 1} (0.6 < 0.7 ≤ 0.9): w = 0.4 / 0.8 — the token crossing μ is in the head
-        (0.95, 1.0),  # head = everything (0.9 < 0.95): w = 1, akl = fkl
+        (0.3, 1 / 3),  # head {0}: the top-1 token is always in the head, even when p_1 > μ: w = (1/4) / (3/4)
+        (0.5, 1 / 3),  # head {0}
+        (0.7, 1 / 3),  # head {0}: token 1 crosses μ (cum 3/4 > 0.7) and goes to the tail (released get_ratio)
+        (0.75 - 1e-9, 1 / 3),  # still {0}
+        (0.75 + 1e-9, 0.5),  # head {0, 1}: cum 3/4 ≤ μ; w = (1/4 + 1/8) / (3/4)
+        (0.9, 0.5),  # head {0, 1}: token 2 crosses μ (15/16 > 0.9), tail
+        (0.95, 11 / 12),  # head {0, 1, 2}: w = (1/4 + 1/8 + 5/16) / (3/4)
     ],
 )
 def test_akl_hand_values(mu, w):
-    assert FKL3 == pytest.approx(_kl(P3, Q3)) and RKL3 == pytest.approx(_kl(Q3, P3))
-    got = O.get("akl")(_logits(Q3), _logits(P3), mu=mu).item()
-    assert got == pytest.approx(w * FKL3 + (1 - w) * RKL3, abs=1e-9)
+    got = O.get("akl")(_logits(Q4), _logits(P4), mu=mu).item()
+    assert got == pytest.approx(w * FKL4 + (1 - w) * RKL4, abs=1e-12)
 
 
 def test_akl_default_mu_is_half():
-    assert O.get("akl")(_logits(Q3), _logits(P3)).item() == pytest.approx(0.25 * FKL3 + 0.75 * RKL3, abs=1e-9)
+    assert O.get("akl")(_logits(Q4), _logits(P4)).item() == pytest.approx(FKL4 / 3 + 2 * RKL4 / 3, abs=1e-12)
+
+
+def test_akl_weight_is_one_half_when_p_equals_q_and_released_nan_is_avoided():
+    s = _logits([0.7, 0.2, 0.1])
+    out = O.get("akl")(s.clone().requires_grad_(True), s, reduction="none")
+    assert out.item() == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# parameter validation
+# ----------------------------------------------------------------------------------------------------------
+BAD_PARAMS = [
+    ("skl", "alpha", 1), ("skl", "alpha", 2), ("skl", "alpha", -0.5), ("skl", "alpha", float("nan")),
+    ("skl", "alpha", "0.1"), ("skl", "alpha", [0.2]), ("skl", "alpha", True), ("skl", "alpha", float("inf")),
+    ("srkl", "alpha", 1), ("srkl", "alpha", 2), ("srkl", "alpha", -0.5), ("srkl", "alpha", float("nan")),
+    ("srkl", "alpha", "0.1"), ("srkl", "alpha", [0.2]),
+    ("jsd", "beta", 0), ("jsd", "beta", 1), ("jsd", "beta", 0.0), ("jsd", "beta", 1.0), ("jsd", "beta", -0.1),
+    ("jsd", "beta", 1.5), ("jsd", "beta", None),
+    ("sinkhorn", "epsilon", 0), ("sinkhorn", "epsilon", -1.0), ("sinkhorn", "n_iters", 0),
+    ("sinkhorn", "n_iters", 2.0), ("sinkhorn", "n_iters", True), ("sinkhorn", "max_positions", 0),
+    ("sinkhorn", "debias", 1), ("sinkhorn", "debias", "false"), ("sinkhorn", "mass", "n"),
+    ("akl", "mu", 0), ("akl", "mu", 1.5), ("bdkd", "weight_high", 0), ("bdkd", "weight_low", -1),
+    ("ab", "alpha", float("nan")), ("ab", "beta", "0.7"),
+]
+
+
+@pytest.mark.parametrize("name, key, value", BAD_PARAMS, ids=lambda x: repr(x))
+def test_bad_parameter_values_are_refused_with_a_one_line_fix(name, key, value):
+    s, t = _logits(Q2), _logits(P2)
+    for call in (lambda: O.get(name, **{key: value}), lambda: O.get(name)(s, t, **{key: value})):
+        with pytest.raises(O.ObjectiveError) as exc:
+            call()
+        msg = str(exc.value)
+        assert "\n" not in msg
+        assert repr(name) in msg and repr(key) in msg and repr(value) in msg
+        assert f"set {key} to " in msg  # the fix
+
+
+def test_validation_messages_name_the_range_and_type():
+    with pytest.raises(O.ObjectiveError, match=r"'alpha' must lie in \[0, 1\), got 1 .*set alpha to a number in \[0, 1\)"):
+        O.get("skl", alpha=1)
+    with pytest.raises(O.ObjectiveError, match=r"'alpha' must be a number, got str '0.1'"):
+        O.get("srkl", alpha="0.1")
+    with pytest.raises(O.ObjectiveError, match=r"'alpha' must be a finite number, got nan"):
+        O.get("skl", alpha=float("nan"))
+    with pytest.raises(O.ObjectiveError, match=r"'n_iters' must be an integer, got float 20.0"):
+        O.get("sinkhorn", n_iters=20.0)
+    with pytest.raises(O.ObjectiveError, match=r"'epsilon' must be > 0, got 0.*set epsilon to a number > 0"):
+        O.get("sinkhorn", epsilon=0)
+    with pytest.raises(O.ObjectiveError, match=r"set mass to one of 'unit', 'positions'"):
+        O.get("sinkhorn", mass="N")
+
+
+@pytest.mark.parametrize("beta, other", [(0, "fkl"), (1, "rkl"), (0.0, "fkl"), (1.0, "rkl")])
+def test_jsd_endpoints_are_refused_naming_fkl_and_rkl(beta, other):
+    with pytest.raises(O.ObjectiveError) as exc:
+        O.get("jsd", beta=beta)
+    msg = str(exc.value)
+    assert "'fkl'" in msg and "'rkl'" in msg and "(0, 1)" in msg
+    # the formula itself is 0 there (direct call of the pure function): nothing would be trained
+    s, t = _logits(Q2), _logits(P2)
+    from harness.objectives import divergences
+
+    assert divergences.jsd(torch.log_softmax(s, -1), torch.log_softmax(t, -1), beta=float(beta)).item() == 0.0
+
+
+def test_valid_parameters_are_accepted_ints_become_floats():
+    assert O.get("skl", alpha=0).params == {"alpha": 0.0}
+    assert isinstance(O.get("skl", alpha=0).params["alpha"], float)
+    assert O.get("sinkhorn", epsilon=1, n_iters=3).params["epsilon"] == 1.0
+    assert isinstance(O.get("sinkhorn", n_iters=3).params["n_iters"], int)
+    assert O.get("jsd", beta=0.999).params == {"beta": 0.999}
+    assert O.get("ab", alpha=0, beta=-1).params == {"alpha": 0.0, "beta": -1.0}
+
+
+def test_describe_lists_types_defaults_ranges_and_help():
+    rows = {r["id"]: r for r in O.describe()}
+    assert set(rows) == set(O.available())
+    alpha = {p["name"]: p for p in rows["skl"]["params"]}["alpha"]
+    assert alpha == {"name": "alpha", "type": "number", "default": 0.1, "range": "[0, 1)", "help": alpha["help"]}
+    assert alpha["help"]
+    sk = {p["name"]: p for p in rows["sinkhorn"]["params"]}
+    assert sk["n_iters"]["type"] == "integer" and sk["n_iters"]["range"] == ">= 1" and sk["n_iters"]["default"] == 20
+    assert sk["debias"]["type"] == "true/false" and sk["mass"]["range"] == "one of unit, positions"
+    assert {p["name"]: p["range"] for p in rows["jsd"]["params"]} == {"beta": "(0, 1)"}
+    assert rows["ce"]["params"] == [] and rows["akl"]["sparse_ok"] is False and rows["todi"]["sparse_ok"] is True
+    for row in rows.values():
+        for p in row["params"]:
+            assert p["help"], (row["id"], p["name"])
 
 
 def test_ce_hand_values():
@@ -362,6 +498,9 @@ def test_per_position_values_match_numpy_reference(pair):
             ps = np.sort(p, -1)[:, ::-1].cumsum(-1)
             ok = np.abs(ps - 0.5).min(-1) > 1e-9
             got, ref = got[ok], ref[ok]
+        if name == "bdkd":  # likewise the entropy tie H(p) = H(q) (e.g. permuted rows)
+            ok = np.abs(_np_entropy(_softmax(t.numpy())) - _np_entropy(_softmax(s.numpy()))) > 1e-9
+            got, ref = got[ok], ref[ok]
         np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-12, err_msg=name)
 
 
@@ -387,18 +526,21 @@ def test_nonnegative_and_zero_iff_equal(pair):
 @given(logit_pairs())
 def test_skew_limits(pair):
     s, t = pair
-    torch.testing.assert_close(_none("skl", s, t, alpha=0.0), _none("fkl", s, t), rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(_none("srkl", s, t, alpha=0.0), _none("rkl", s, t), rtol=1e-12, atol=1e-14)
+    fkl = torch.from_numpy(_ref("fkl", s.numpy(), t.numpy()))  # independent NumPy KLs, not our fkl/rkl
+    rkl = torch.from_numpy(_ref("rkl", s.numpy(), t.numpy()))
+    torch.testing.assert_close(_none("skl", s, t, alpha=0.0), fkl, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(_none("srkl", s, t, alpha=0.0), rkl, rtol=1e-9, atol=1e-12)
     # α → 0 is continuous, not only special-cased at 0
-    torch.testing.assert_close(_none("skl", s, t, alpha=1e-9), _none("fkl", s, t), rtol=1e-5, atol=1e-9)
-    torch.testing.assert_close(_none("srkl", s, t, alpha=1e-9), _none("rkl", s, t), rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(_none("skl", s, t, alpha=1e-9), fkl, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(_none("srkl", s, t, alpha=1e-9), rkl, rtol=1e-5, atol=1e-9)
 
 
 @PROP
 @given(logit_pairs())
 def test_jsd_limits_symmetry_and_bound(pair):
     s, t = pair
-    fkl, rkl = _none("fkl", s, t), _none("rkl", s, t)
+    fkl = torch.from_numpy(_ref("fkl", s.numpy(), t.numpy()))
+    rkl = torch.from_numpy(_ref("rkl", s.numpy(), t.numpy()))
     half = _none("jsd", s, t, beta=0.5)
     # β → 0: jsd = β·KL(p‖q) + O(β²); β → 1: jsd = (1−β)·KL(q‖p) + O((1−β)²) — both tend to 0
     for b, lead in ((1e-6, fkl), (1 - 1e-6, rkl)):
@@ -411,14 +553,39 @@ def test_jsd_limits_symmetry_and_bound(pair):
 
 @PROP
 @given(logit_pairs())
-def test_tvd_range_and_akl_between(pair):
+def test_tvd_range_akl_bdkd_between_todi_jeffreys(pair):
     s, t = pair
     tv = _none("tvd", s, t)
     assert ((tv >= 0) & (tv <= 1)).all()
-    fkl, rkl = _none("fkl", s, t), _none("rkl", s, t)
+    fkl = torch.from_numpy(_ref("fkl", s.numpy(), t.numpy()))
+    rkl = torch.from_numpy(_ref("rkl", s.numpy(), t.numpy()))
     for mu in (0.1, 0.5, 0.9):
         a = _none("akl", s, t, mu=mu)
         assert (a >= torch.minimum(fkl, rkl) - 1e-12).all() and (a <= torch.maximum(fkl, rkl) + 1e-12).all()
+    # bdkd lies between weight_low and weight_high times Jeffreys; with equal weights it is w·Jeffreys
+    jeffreys = fkl + rkl
+    b = _none("bdkd", s, t)
+    assert (b >= jeffreys - 1e-12).all() and (b <= 3 * jeffreys + 1e-12).all()
+    torch.testing.assert_close(_none("bdkd", s, t, weight_high=2.0, weight_low=2.0), 2 * jeffreys,
+                               rtol=1e-9, atol=1e-12)
+    # todi's value is Jeffreys' (its weight p/(p+q) is only stopped for the gradient)
+    torch.testing.assert_close(_none("todi", s, t), jeffreys, rtol=1e-9, atol=1e-12)
+
+
+@PROP
+@given(logit_pairs())
+def test_ab_limits_are_continuous(pair):
+    s, t = pair
+    fkl = torch.from_numpy(_ref("fkl", s.numpy(), t.numpy()))
+    rkl = torch.from_numpy(_ref("rkl", s.numpy(), t.numpy()))
+    torch.testing.assert_close(_none("ab", s, t, alpha=1.0, beta=0.0), fkl, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(_none("ab", s, t, alpha=0.0, beta=1.0), rkl, rtol=1e-9, atol=1e-12)
+    # each special case is the limit of the general formula (α, β, α + β → 0)
+    for exact, near in [((0.0, 0.7), (1e-7, 0.7)), ((0.3, 0.0), (0.3, 1e-7)), ((0.0, 0.0), (1e-7, 2e-7)),
+                        ((0.4, -0.4), (0.4, -0.4 + 1e-7)), ((1.0, 0.0), (1.0, 1e-7))]:
+        a = _none("ab", s, t, alpha=exact[0], beta=exact[1])
+        b = _none("ab", s, t, alpha=near[0], beta=near[1])
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
 
 
 def test_tvd_reaches_one_on_disjoint_supports():
@@ -558,7 +725,12 @@ GRAD_MASK = torch.tensor([[1, 1, 0], [1, 1, 1]])
 
 
 @pytest.mark.parametrize("name, params", [(n, {}) for n in SMOOTH + ["tvd"]]
-                         + [("jsd", {"beta": 0.2}), ("skl", {"alpha": 0.4}), ("srkl", {"alpha": 0.4})])
+                         + [("jsd", {"beta": 0.2}), ("skl", {"alpha": 0.4}), ("srkl", {"alpha": 0.4}),
+                            ("bdkd", {}), ("bdkd", {"weight_high": 2.0, "weight_low": 0.5}),
+                            ("ab", {"alpha": 0.05, "beta": 0.05}), ("ab", {"alpha": 0.0, "beta": 0.5}),
+                            ("ab", {"alpha": 0.3, "beta": 0.0}), ("ab", {"alpha": 0.0, "beta": 0.0}),
+                            ("ab", {"alpha": 0.5, "beta": -0.5}), ("ab", {"alpha": 1e-3, "beta": 0.7}),
+                            ("ab", {"alpha": 1.5, "beta": 2.0})])
 @pytest.mark.parametrize("reduction", ["mean", "per_sequence_mean"])
 def test_gradcheck_per_position(name, params, reduction):
     s = _rand((2, 3, 5), 11).requires_grad_(True)
@@ -586,6 +758,49 @@ def test_akl_gradient_treats_weight_as_constant():
     ref = (w * fk + (1 - w) * rk).sum() / GRAD_MASK.sum()
     gr = torch.autograd.grad(ref, s)[0]
     torch.testing.assert_close(ga, gr, rtol=1e-10, atol=1e-13)
+
+
+def test_todi_gradient_holds_the_weight_constant():
+    """∂ℓ/∂log q_v = −w_v p_v + (1 − w_v) q_v (1 + log q_v − log p_v) with w = p/(p+q) held constant, then
+    through log_softmax: ∂ℓ/∂z = g − q Σ g (NumPy, float64). Not Jeffreys' gradient (which varies w too)."""
+    s = _rand((2, 3, 5), 18).requires_grad_(True)
+    t = _rand((2, 3, 5), 19)
+    got = torch.autograd.grad(O.get("todi")(s, t, GRAD_MASK, reduction="sum"), s)[0].numpy()
+    q, p = _softmax(s.detach().numpy()), _softmax(t.numpy())
+    w = p / (p + q)
+    g = -w * p + (1 - w) * q * (1 + np.log(q) - np.log(p))
+    expected = (g - q * g.sum(-1, keepdims=True)) * GRAD_MASK.numpy()[..., None]
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-13)
+    jeffreys = torch.autograd.grad(O.get("fkl")(s, t, GRAD_MASK, reduction="sum")
+                                   + O.get("rkl")(s, t, GRAD_MASK, reduction="sum"), s)[0].numpy()
+    assert np.abs(got - jeffreys).max() > 1e-3
+
+
+def test_bdkd_gradient_treats_the_gates_as_constant():
+    s = _rand((2, 3, 5), 20).requires_grad_(True)
+    t = _rand((2, 3, 5), 21)
+    q, p = _softmax(s.detach().numpy()), _softmax(t.numpy())
+    hp, hq = _np_entropy(p), _np_entropy(q)
+    wf = torch.from_numpy(np.where(hp > hq, 3.0, 1.0))
+    wr = torch.from_numpy(np.where(hq > hp, 3.0, 1.0))
+    assert (wf == 3).any() and (wr == 3).any()  # both cases occur in this batch
+    ga = torch.autograd.grad(O.get("bdkd")(s, t, GRAD_MASK), s)[0]
+    fk = O.get("fkl")(s, t, GRAD_MASK, reduction="none")
+    rk = O.get("rkl")(s, t, GRAD_MASK, reduction="none")
+    gr = torch.autograd.grad((wf * fk + wr * rk).sum() / GRAD_MASK.sum(), s)[0]
+    torch.testing.assert_close(ga, gr, rtol=1e-10, atol=1e-13)
+
+
+def test_sinkhorn_mass_positions_is_n_times_unit():
+    s, t = _rand((2, 3, 5), 22), _rand((2, 3, 5), 23)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    for debias in (True, False):
+        unit = O.get("sinkhorn")(s, t, mask, debias=debias)
+        total = O.get("sinkhorn")(s, t, mask, debias=debias, mass="positions")
+        assert total.item() == pytest.approx(5 * unit.item(), rel=1e-12)
+    # N counts every counted position even when the plan uses a strided subset of them
+    sub = O.get("sinkhorn")(s, t, mask, max_positions=3, mass="positions", debias=False)
+    assert sub.item() == pytest.approx(5 * O.get("sinkhorn")(s, t, mask, max_positions=3, debias=False).item())
 
 
 @pytest.mark.parametrize("debias", [True, False])
@@ -855,3 +1070,56 @@ def test_bench_objectives_smoke(tmp_path):
     text = out.read_text()
     assert "| fkl | 4 |" in text and "| fkl | - |" in text and "cross_entropy (torch)" in text
     assert "sinkhorn" in text and "torch " + torch.__version__ in text
+
+
+def test_user_objective_declares_ranges_and_types_come_from_its_signature(tmp_path, monkeypatch):
+    module = "my_ranged_obj"
+    (tmp_path / f"{module}.py").write_text(HELLINGER_SRC + textwrap.dedent(
+        '''
+        hellinger.param_ranges = {"scale": {"gt": 0, "help": "multiplies the loss"}}
+
+
+        def typed(log_q, log_p, k: int = 2, mode: str = "a", flag=False):
+            return (log_q * 0).sum(-1)
+
+
+        def bad_range(log_q, log_p, scale: float = 1.0):
+            return (log_q * 0).sum(-1)
+
+
+        bad_range.param_ranges = {"scael": {"gt": 0}}
+        '''
+    ))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    assert O.get(f"{module}:hellinger", scale=2).params == {"scale": 2.0}
+    with pytest.raises(O.ObjectiveError, match=r"'scale' must be > 0, got -1 \(multiplies the loss\); set scale to a number > 0"):
+        O.get(f"{module}:hellinger", scale=-1)
+    assert O.get(f"{module}:typed", k=3, mode="b", flag=True).params == {"k": 3, "mode": "b", "flag": True}
+    for bad in ({"k": 2.5}, {"k": True}, {"mode": 1}, {"flag": 0}):
+        with pytest.raises(O.ObjectiveError):
+            O.get(f"{module}:typed", **bad)
+    with pytest.raises(O.ObjectiveError, match="scael"):
+        O.get(f"{module}:bad_range")
+    rows = O.describe([f"{module}:hellinger"])
+    assert rows[0]["params"] == [{"name": "scale", "type": "number", "default": 1.0, "range": "> 0",
+                                  "help": "multiplies the loss"}]
+
+
+@pytest.mark.parametrize("alpha, beta", [(0.2, 0.7), (0.0, 0.5), (0.3, 0.0), (0.0, 0.0), (0.5, -0.5), (2.0, 1.5),
+                                         (-0.4, 0.9), (1e-3, 1e-3)])
+def test_ab_closed_form_gradient_in_both_arguments(alpha, beta):
+    """ab's custom backward (∂/∂log q and, by symmetry, ∂/∂log p) against finite differences, with a padded
+    column (both -inf, clamped as the wrapper does) that must get exactly zero gradient."""
+    from harness.objectives import divergences as D
+
+    g = torch.Generator().manual_seed(31)
+    lq = torch.log_softmax(2 * torch.randn(3, 6, generator=g, dtype=torch.float64), -1)
+    lp = torch.log_softmax(2 * torch.randn(3, 6, generator=g, dtype=torch.float64), -1)
+    assert torch.autograd.gradcheck(lambda a, b: D.ab(a, b, alpha, beta),
+                                    (lq.clone().requires_grad_(True), lp.clone().requires_grad_(True)))
+    low = torch.finfo(torch.float64).min
+    lqp = torch.cat([lq, torch.full((3, 1), low, dtype=torch.float64)], -1).requires_grad_(True)
+    lpp = torch.cat([lp, torch.full((3, 1), low, dtype=torch.float64)], -1).requires_grad_(True)
+    gq, gp = torch.autograd.grad(D.ab(lqp, lpp, alpha, beta).sum(), (lqp, lpp))
+    assert (gq[:, -1] == 0).all() and (gp[:, -1] == 0).all() and torch.isfinite(gq).all() and torch.isfinite(gp).all()

@@ -10,7 +10,8 @@ Mapping (read from trl/experimental/gkd/gkd_trainer.py, TRL 1.16; older TRL: trl
 - Endpoints are special-cased and do NOT follow the formula (whose limit is 0 at both ends):
   TRL β = 0 → ``kl_div(log q, log p)`` = KL(p‖q) = our ``fkl``;
   TRL β = 1 → ``kl_div(log p, log q)`` = KL(q‖p) = our ``rkl``.
-  Our ``jsd`` with β = 0 or 1 is 0 (objectives.md: β scales the loss, it does not pick a direction).
+  Our ``jsd`` formula is 0 at β = 0 or 1 (objectives.md: β scales the loss, it does not pick a direction), so
+  the registry refuses those values and names ``fkl`` / ``rkl`` (TRL's endpoints, checked below).
 - Temperature: both divide student and teacher logits by τ before the softmax; neither multiplies by τ².
 - Masking: TRL keeps positions with ``labels != -100``; ours is ``mask = (labels != -100)``.
 - Reduction: TRL ``"batchmean"`` with labels = Σ over kept positions and the vocabulary / #kept positions
@@ -110,13 +111,15 @@ def test_other_reductions_map_to_ours(trl_jsd, beta):
     )
 
 
-def test_trl_endpoints_are_directional_ours_are_zero(trl_jsd):
-    """TRL special-cases β ∈ {0, 1} to the KLs; our jsd follows the formula, whose value there is 0."""
+def test_trl_endpoints_are_directional_ours_are_refused(trl_jsd):
+    """TRL special-cases β ∈ {0, 1} to the KLs; our jsd refuses them (the formula is 0 there) and names fkl/rkl,
+    which equal TRL's endpoints (test_token_mean_matches_trl_batchmean)."""
     s, t, labels = _batch(3)
     mask = labels != -100
     for beta in (0.0, 1.0):
         assert trl_jsd(s, t, labels=labels, beta=beta).item() > 0.1
-        assert O.get("jsd")(s, t, mask, beta=beta).item() == 0.0
+        with pytest.raises(O.ObjectiveError, match="'fkl'.*'rkl'"):
+            O.get("jsd")(s, t, mask, beta=beta)
     # near the endpoints TRL's own formula branch agrees with ours and tends to 0
     for beta in (1e-4, 1 - 1e-4):
         ref = trl_jsd(s, t, labels=labels, beta=beta).item()

@@ -112,3 +112,83 @@ def test_a_sparse_cache_refuses_objectives_that_need_the_whole_tail(tmp_path):
     cfg["recipes"] = ["sft", "fkl"]
     path.write_text(yaml.safe_dump(cfg))
     validate_plan(load_suite(path), check_data=False)  # fkl is fine on a sparse cache
+
+
+# The float16 cache (the suites' default) against the live teacher ------------------------------------------
+FP16_IDS = ["fkl", "rkl", "jsd", "tvd", "skl", "srkl", "akl", "bdkd", "ab", "todi", "sinkhorn"]
+
+
+def _sensitivity(name, student_rows, stored_logp, tau):
+    """∇ of the loss (mean over positions; Sinkhorn: its batch value) w.r.t. the *stored* teacher log-probs x,
+    in float64, with the temperature and the renormalisation log_softmax(x / τ) included.
+
+    Weights that the objectives hold constant are made differentiable here, because the cache moves them
+    too: akl's w = Σ_head|p−q| / Σ|p−q| (head set fixed, it does not change under this rounding: checked by
+    the value bound), todi's value is Jeffreys' KL(p‖q) + KL(q‖p); bdkd's gates are piecewise constant (the
+    test checks that none flips).
+    """
+    from harness.objectives import divergences as D
+
+    x = stored_logp.double().requires_grad_(True)
+    lq = torch.log_softmax(student_rows.double() / tau, -1)
+    lp = torch.log_softmax(x / tau, -1)
+    spec = objectives.spec(name)
+    if name == "todi":
+        value = ((lp.exp() - lq.exp()) * (lp - lq)).sum(-1).mean()
+    elif name == "akl":
+        p, q = lp.exp(), lq.exp()
+        srt, order = p.detach().sort(-1, descending=True)
+        tail = srt.cumsum(-1) > 0.5
+        tail[:, 0] = False
+        head = torch.zeros_like(tail).scatter(-1, order, ~tail)
+        gap = (p - q).abs()
+        w = (gap * head).sum(-1) / gap.sum(-1)
+        value = (w * D.fkl(lq, lp) + (1 - w) * D.rkl(lq, lp)).mean()
+    else:
+        params = {**spec.defaults, **({"debias": False} if name == "sinkhorn" else {})}
+        value = spec.fn(lq, lp, **params)
+        value = value if value.dim() == 0 else value.mean()
+    (grad,) = torch.autograd.grad(value, x)
+    return grad
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_float16_cache_losses_match_the_live_teacher(setup, tau):
+    """Losses from a float16 exact cache equal the live teacher's within 6 standard deviations of the rounding.
+
+    float16 rounds each stored log-probability x_v to the nearest of its values (11 significant bits): the
+    error δ_v is at most half an ulp (asserted for every entry) and, over a row of mostly non-representable
+    values, behaves as independent and uniform on ±ulp_v/2 (variance ulp_v²/12). To first order the loss
+    moves by ⟨∇_x loss, δ⟩ (temperature and renormalisation included in ∇, see :func:`_sensitivity`), so
+    |Δloss| ≤ 6·sqrt(Σ_v ∇_v² ulp_v² / 12) except with probability < 1e-8, plus O(‖δ‖²) terms (≲ 1e-9 here) and
+    the float32 round-off of the two loss computations themselves (≤ 1e-6 relative). The worst case, ‖∇‖₁·‖δ‖∞,
+    is 1e-3 to 4e-3 on this batch and would accept a cache 1000 times worse than the one measured (1e-7 .. 2e-6).
+    """
+    tok, examples, teacher, special = setup
+    n = 24
+    cache = build_cache(teacher, examples[:n], tok.pad_token_id, mode="exact", dtype="float16", progress=False)
+    assert cache.logp.dtype == torch.float16
+    batch = batching.collate(examples[:n], tok.pad_token_id)
+    batch["example_ids"] = torch.arange(n)
+    mask = batch["loss_mask"] > 0
+    with torch.no_grad():
+        live = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        student = _student(tok, special)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    cached = cache.teacher_logits(batch)
+    live_logp = torch.log_softmax(live.float(), -1)[mask].double()
+    delta = cached[mask].double() - live_logp
+    ulp = 2.0 ** (torch.floor(torch.log2(live_logp.abs())) - 10)  # float16: 10 stored mantissa bits
+    assert (delta.abs() <= ulp / 2 * (1 + 1e-6)).all() and (delta != 0).any()  # round to nearest
+    for name in FP16_IDS:
+        obj = objectives.get(name, **({"debias": False} if name == "sinkhorn" else {}))
+        from_live = obj(student, live, mask, temperature=tau).item()
+        from_cache = obj(student, cached, mask, temperature=tau).item()
+        grad = _sensitivity(name, student[mask], live_logp, tau)
+        sigma = float(((grad * ulp) ** 2).sum().sqrt()) / 12**0.5
+        if name == "bdkd":  # no entropy gate flips between the two teachers on this data
+            def gates(rows):
+                lp, lq = torch.log_softmax(rows / tau, -1), torch.log_softmax(student[mask].double() / tau, -1)
+                return (-(lp.exp() * lp).sum(-1)) > (-(lq.exp() * lq).sum(-1))
+            assert torch.equal(gates(live_logp), gates(cached[mask].double()))
+        assert abs(from_cache - from_live) <= 6 * sigma + 1e-6 * abs(from_live) + 1e-9, (name, from_live, from_cache,
+                                                                                          sigma)
