@@ -54,12 +54,17 @@ def reference() -> str:
         params = modes.params(name)
         out += [f"### `{name}`", "", modes.card(name).split("\n")[0] if hasattr(modes, "card") else "", "",
                 *(_table(params, "mode_params.") if params else ["(no parameters)"]), ""]
-    out += ["## Objectives (`objective`, `params`)", "", "| id | kind | parameters (default) | summary |",
-            "|---|---|---|---|"]
-    for name in objectives.available():
-        spec = objectives.spec(name)
-        params = ", ".join(f"`{k}`={v!r}" for k, v in spec.defaults.items()) or "—"
-        out.append(f"| `{name}` | {spec.kind} | {params} | {spec.summary} |")
+    out += ["## Objectives (`objective`, `params`)", "",
+            "| id | kind | sparse cache | parameter | type | default | accepted | meaning |",
+            "|---|---|---|---|---|---|---|---|"]
+    for row in objectives.describe():
+        head = [f"`{row['id']}`", row["kind"], "yes" if row["sparse_ok"] else "no"]
+        params = row["params"] or [{"name": "—", "type": "", "default": "", "range": "", "help": row["summary"]}]
+        for i, p in enumerate(params):
+            cells = (head if i == 0 else ["", "", ""]) + [f"`{p['name']}`" if p["name"] != "—" else "—", p["type"],
+                                                         f"`{p['default']!r}`" if p["default"] != "" else "",
+                                                         p["range"] or "", p["help"] or (row["summary"] if i == 0 else "")]
+            out.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     return "\n".join(out) + "\n"
 
 
