@@ -118,6 +118,7 @@ rule student_init:
     output: W / "student_init" / "seed{seed}" / "config.json"
     params: fp=lambda wc: FP.student_init(int(wc.seed))
     log: W / "logs" / "student_init_{seed}.log"
+    benchmark: W / "benchmarks" / "student_init_{seed}.tsv"
     shell: "{CLI} student-init {ARGS} --seed {wildcards.seed} > {log} 2>&1"
 
 
@@ -175,4 +176,5 @@ rule leaderboard:
         report(SUITE.leaderboard_dir / "plots" / "scores.png", category="Plots"),
     params: fp=FP.plan_digest()
     log: W / "logs" / "leaderboard.log"
+    benchmark: W / "benchmarks" / "leaderboard.tsv"
     shell: "{CLI} leaderboard {ARGS} > {log} 2>&1"

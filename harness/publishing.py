@@ -98,6 +98,8 @@ def publish(suite) -> Path:
     if staging.exists():
         shutil.rmtree(staging)
     shutil.copytree(src, staging)
+    if (suite.workdir / "timings.md").exists():  # where the run's time went, per rule
+        shutil.copy2(suite.workdir / "timings.md", staging / "timings.md")
     swap_in(staging, dest)
     update_readme(suite.name, dest / "leaderboard.md")
     return dest

@@ -498,7 +498,13 @@ def leaderboard(suite: Suite) -> dict[str, Path]:
             if run_json.exists():
                 per_seed[seed] = read_json(run_json).get("curve", [])
         curves[recipe] = per_seed
-    return publish_report(
+    from .timings import timings_table
+
+    written = publish_report(
         chosen, suite.leaderboard_dir, primary_metric=suite.evaluation["primary_metric"], baseline=suite.baseline,
         expected=expected_runs(suite), curves=curves, provenance=provenance(suite, fingerprints), left_out=left_out,
     )
+    from .io import write_text_atomic
+
+    written["timings"] = write_text_atomic(suite.workdir / "timings.md", timings_table(suite.workdir / "benchmarks"))
+    return written

@@ -427,3 +427,14 @@ def test_reference_page_is_generated_from_the_schemas():
     for key in ("`training.learning_rate`", "`loss[].weight`", "`reference.deviations`", "`teacher_cache.mode`",
                 "`evaluation.lm_eval.tasks[].set`", "`dropout`"):
         assert key in text, key
+
+
+def test_timings_table_sums_benchmarks_per_rule(tmp_path):
+    from harness.timings import timings_table
+
+    head = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+    for name, s, cpu, rss in (("distill_fkl_1", 8.0, 4.0, 400), ("distill_sft_1", 6.0, 3.0, 450), ("teacher", 5.5, 5.0, 300)):
+        (tmp_path / f"{name}.tsv").write_text(head + f"{s}\t0\t{rss}\t0\t0\t0\t0\t0\t0\t{cpu}\n")
+    table = timings_table(tmp_path)
+    assert "| distill | 2 | 14.0 | 7.0 | 7.0 | 450 |" in table and "| teacher | 1 | 5.5 | 5.5 | 5.0 | 300 |" in table
+    assert "| **all jobs** | 3 | 19.5 | | 12.0 | |" in table

@@ -49,7 +49,8 @@ __all__ = ["PUBLISHED_NAMES", "publish", "scores_frame"]
 log = logging.getLogger(__name__)
 
 #: What publish writes into ``out_dir`` (with the default stem): nothing else may live there.
-PUBLISHED_NAMES = ("scores.csv", "provenance.json", "report_problems.json", "tuning.csv", "teachers.csv", "plots")
+PUBLISHED_NAMES = ("scores.csv", "provenance.json", "report_problems.json", "tuning.csv", "teachers.csv", "plots",
+                   "timings.md")
 
 
 def _published_names(stem: str) -> set[str]:
