@@ -52,8 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     cmd("teacher", "pre-train the tiny teacher (or point to an existing one)")
     cmd("student-init", "build the initial student of a seed", (("--seed",), {"type": int, "required": True}))
     cmd("teacher-cache", "compute the teacher's outputs on the training data once")
-    cmd("distill", "train a student under one recipe and seed",
-        (("--recipe",), {"required": True}), (("--seed",), {"type": int, "required": True}))
+    cmd("distill", "train students under one recipe, one run per seed (one process for all: start-up paid once)",
+        (("--recipe",), {"required": True}),
+        (("--seed",), {"type": int, "action": "append", "required": True, "help": "training seed; repeat for several"}))
     cmd("evaluate", "evaluate a trained student, the teacher or the untrained student",
         (("--target",), {"required": True, "help": "a recipe name, 'teacher' or 'init'"}),
         (("--seed",), {"type": int, "action": "append", "help": "training seed(s); repeat for several (default 0)"}))
@@ -102,7 +103,9 @@ def run(args: argparse.Namespace) -> int:
         steps.build_teacher_cache(suite, progress=progress)
     elif args.command == "distill":
         validate_plan(suite, check_data=False)
-        steps.distill(suite, suite.recipes()[args.recipe], args.seed, progress=progress)
+        recipe = suite.recipes()[args.recipe]
+        for seed in args.seed:  # each seed is its own run: own run.json, checkpoint and fingerprint
+            steps.distill(suite, recipe, seed, progress=progress)
     elif args.command == "evaluate":
         steps.evaluate(suite, args.target, args.seed or [0], progress=progress)
     elif args.command == "leaderboard":
