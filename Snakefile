@@ -122,21 +122,36 @@ rule student_init:
     shell: "{CLI} student-init {ARGS} --seed {wildcards.seed} > {log} 2>&1"
 
 
-rule distill:
-    # one job per recipe trains every seed (one process: start-up and loading paid once); each seed is its own
-    # run with its own run.json, checkpoint and fingerprint
-    input:
-        teacher_inputs,
-        [W / "student_init" / f"seed{s}" / "config.json" for s in SEEDS],
-        sources=lambda wc: RECIPES[wc.recipe].source_files(),  # the recipe and its user objective modules
-    output: [W / "runs" / "{recipe}" / f"seed{s}" / "run.json" for s in SEEDS]
-    threads: SUITE.threads_per_job * SUITE.num_processes
-    resources: gpu=GPU * SUITE.num_processes, **RESOURCES.get("distill", {})
-    log: W / "logs" / "distill_{recipe}.log"
-    benchmark: W / "benchmarks" / "distill_{recipe}.tsv"
-    params: fp=lambda wc: digest([FP.run(wc.recipe, s) for s in SEEDS]), launch=LAUNCH,
-            seeds=" ".join(f"--seed {s}" for s in SEEDS)
-    shell: "{params.launch} distill {ARGS} --recipe {wildcards.recipe} {params.seeds} > {log} 2>&1"
+if SUITE.distill_jobs == "per_recipe":
+    rule distill:
+        # one job per recipe trains every seed (one process: start-up and loading paid once — small models);
+        # each seed is still its own run with its own run.json, checkpoint and fingerprint
+        input:
+            teacher_inputs,
+            [W / "student_init" / f"seed{s}" / "config.json" for s in SEEDS],
+            sources=lambda wc: RECIPES[wc.recipe].source_files(),  # the recipe and its user objective modules
+        output: [W / "runs" / "{recipe}" / f"seed{s}" / "run.json" for s in SEEDS]
+        threads: SUITE.threads_per_job * SUITE.num_processes
+        resources: gpu=GPU * SUITE.num_processes, **RESOURCES.get("distill", {})
+        log: W / "logs" / "distill_{recipe}.log"
+        benchmark: W / "benchmarks" / "distill_{recipe}.tsv"
+        params: fp=lambda wc: digest([FP.run(wc.recipe, s) for s in SEEDS]), launch=LAUNCH,
+                seeds=" ".join(f"--seed {s}" for s in SEEDS)
+        shell: "{params.launch} distill {ARGS} --recipe {wildcards.recipe} {params.seeds} > {log} 2>&1"
+else:
+    rule distill:
+        # one job per (recipe, seed): runs in parallel on a cluster or several GPUs
+        input:
+            teacher_inputs,
+            W / "student_init" / "seed{seed}" / "config.json",
+            sources=lambda wc: RECIPES[wc.recipe].source_files(),
+        output: W / "runs" / "{recipe}" / "seed{seed}" / "run.json"
+        threads: SUITE.threads_per_job * SUITE.num_processes
+        resources: gpu=GPU * SUITE.num_processes, **RESOURCES.get("distill", {})
+        log: W / "logs" / "distill_{recipe}_{seed}.log"
+        benchmark: W / "benchmarks" / "distill_{recipe}_{seed}.tsv"
+        params: fp=lambda wc: FP.run(wc.recipe, int(wc.seed)), launch=LAUNCH
+        shell: "{params.launch} distill {ARGS} --recipe {wildcards.recipe} --seed {wildcards.seed} > {log} 2>&1"
 
 
 def evaluate_inputs(wildcards):

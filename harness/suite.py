@@ -115,6 +115,9 @@ SUITE_SCHEMA = {
     "seeds": Field((list,), [1, 2, 3], min_len=1, help="training seeds: the initial student and data order"),
     "device": Field((str,), "auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps"),
     "num_processes": Field((int,), 1, ge=1, help="processes per distill run (accelerate launch when > 1)"),
+    "distill_jobs": Field((str,), "per_run", choices=("per_run", "per_recipe"),
+                          help="per_run: one job per (recipe, seed), parallel on GPUs/clusters; per_recipe: one job "
+                               "trains every seed of a recipe (start-up paid once: small models on a CPU)"),
     "threads_per_job": Field((int,), 1, ge=1, help="torch CPU threads per job"),
     "teacher_cache": Field((dict, type(None)), None, help="{mode: exact | sparse, top_k, dtype, batch_size}"),
     "origin": Field((str,), None, help="(written by the Snakefile) the suite file this resolved copy came from"),
@@ -151,6 +154,7 @@ class Suite:
     device: str
     num_processes: int
     threads_per_job: int
+    distill_jobs: str
     teacher_cache: dict | None
     data: dict
     tokenizer: dict
@@ -272,7 +276,7 @@ def load_suite(path: str | Path) -> Suite:
         workdir=Path(top["workdir"] or f"work/{name}"), results=Path(top["results"] or f"results/{name}"),
         recipes_dir=Path(top["recipes_dir"]), recipe_names=top["recipes"], baseline=top["baseline"],
         seeds=list(seeds), device=top["device"], num_processes=top["num_processes"],
-        threads_per_job=top["threads_per_job"], teacher_cache=cache, data=data,
+        threads_per_job=top["threads_per_job"], distill_jobs=top["distill_jobs"], teacher_cache=cache, data=data,
         tokenizer=tokenizer, teacher=teacher, student=student, training=training, evaluation=evaluation,
         raw=raw, origin=where,
     )
