@@ -112,7 +112,7 @@ class _WeightedSum(torch.autograd.Function):
     def forward(ctx, student, teacher, weights, kid, params, temperature, needs_grad, inplace):
         grad = None
         if needs_grad:
-            grad = student if inplace else torch.empty_like(student)
+            grad = student.detach() if inplace else torch.empty_like(student)  # detach: autograd may keep it as .grad
         ell = _module().launch(kid, student, teacher, weights.to(torch.float32), params, temperature, grad)
         if needs_grad and inplace:
             torch.autograd.graph.increment_version(student)  # an earlier op that saved these logits will refuse
@@ -137,7 +137,7 @@ class _PerRow(torch.autograd.Function):
     def forward(ctx, student, teacher, counted, kid, params, temperature, needs_grad, inplace):
         grad = None
         if needs_grad:
-            grad = student if inplace else torch.empty_like(student)
+            grad = student.detach() if inplace else torch.empty_like(student)  # detach: autograd may keep it as .grad
         ell = _module().launch(kid, student, teacher, counted, params, temperature, grad)
         if needs_grad and inplace:
             torch.autograd.graph.increment_version(student)

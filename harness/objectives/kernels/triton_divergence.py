@@ -54,7 +54,11 @@ KIND = {"fkl": 0, "rkl": 1, "ce": 2, "bdkd": 3, "ab": 4, "jsd": 5, "tvd": 6, "sk
 PASSES = {"fkl": 2, "ce": 2, "rkl": 2, "bdkd": 2, "ab": 2, "jsd": 3, "tvd": 3, "skl": 3, "srkl": 3, "todi": 3,
           "akl": 10}
 
-#: the AKL head search: SEARCH_K candidate thresholds per pass, SEARCH_PASSES passes (32^7 > 2^31 keys)
+#: the largest vocabulary block one loop step loads (a power of two; tests lower it to exercise many blocks)
+BLOCK_CAP = 4096
+#: the AKL head search: its block (one step holds a [SEARCH_BLOCK, SEARCH_K] tile), SEARCH_K candidate
+#: thresholds per pass, SEARCH_PASSES passes (33^7 > 2^31 keys)
+SEARCH_BLOCK = 256
 SEARCH_K = 32
 SEARCH_PASSES = 7
 
@@ -256,7 +260,8 @@ def _akl_kernel(
     The tail is every token whose inclusive cumulative teacher mass (tokens sorted by p, descending) exceeds
     μ; the top-1 token is always in the head. Without sorting: with ``F(c) = Σ_{key(p_j) ≥ c} p_j`` (``key``:
     the bits of the float32 p, monotone in p), the head is ``{j : key(p_j) ≥ c*}`` for the smallest ``c*``
-    with ``F(c*) ≤ μ`` (ties at the boundary fall in the tail together), then ``c* ← min(c*, key(p_max))``.
+    with ``F(c*) ≤ μ`` (ties at the boundary fall in the tail together), then ``c* ← min(c*, key(p_max))``;
+    μ ≥ 1 puts every token in the head (a float cumulative sum can exceed 1 by round-off).
     ``c*`` is found by a K-way search over the integer keys: each pass over the teacher row evaluates F at K
     candidates, shrinking the interval K+1-fold; NPASS passes cover the 2^30 keys of [0, 1].
     """
@@ -310,6 +315,7 @@ def _akl_kernel(
             hi = tl.minimum(hi, tl.min(tl.where(ok, cand, hi), 0))
             lo = tl.maximum(lo, tl.max(tl.where(ok, lo, cand), 0))
         key_cut = tl.minimum(hi, key_max)
+        key_cut = tl.where(mu >= 1.0, 0, key_cut)  # μ = 1: every token is in the head, whatever the round-off
         # ---- pass: head weight, FKL, RKL ------------------------------------------------------------------------
         gap_head = 0.0
         gap_all = 0.0
@@ -398,13 +404,13 @@ def launch(
     g = grad if write_grad else student  # never written when WRITE_GRAD is off
     inv_tau = 1.0 / float(temperature)
     c1, c2 = constants(name, params)
-    blk = _block(vocab, block, 4096)
+    blk = _block(vocab, block, BLOCK_CAP)
     warps = num_warps or (16 if blk >= 4096 else 8 if blk >= 1024 else 4)
     if name == "akl":
         _akl_kernel[(n,)](
             student, teacher, g, weights, loss,
             student.stride(0), teacher.stride(0), g.stride(0), vocab, inv_tau, c1,
-            BLOCK=blk, SBLOCK=min(blk, 256), K=SEARCH_K, NPASS=SEARCH_PASSES, WRITE_GRAD=write_grad,
+            BLOCK=blk, SBLOCK=min(blk, SEARCH_BLOCK), K=SEARCH_K, NPASS=SEARCH_PASSES, WRITE_GRAD=write_grad,
             num_warps=warps,
         )
         return loss
