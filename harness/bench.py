@@ -268,6 +268,8 @@ def bench_objectives(args) -> str:
             inplace = isinstance(chunk, str)
             times, extra, value = _measure(fn, student, device, repeats, args.case_budget,
                                            before=restore if inplace else None)
+            if inplace:
+                restore()
             rows.append(Row(vocab, name, chunk, times, extra, value, note))
             print(f"V={vocab} N={n} {name:32s} chunk={chunk!s:5s} {statistics.median(times)*1e3:10.1f} ms "
                   f"extra {extra / 2**20:9.1f} MiB  value {value:.6f}  (n={len(times)})", file=sys.stderr)

@@ -27,7 +27,8 @@ Shapes and conventions
   chunked PyTorch path; without ``chunk_size`` the PyTorch path then chunks by :data:`CHUNK_ELEMENTS`): no
   gradient buffer at all, but the logits are destroyed by the call. Only for logits that nothing reads
   afterwards (not when the same logits feed a CE term computed later); an op that saved them for its backward
-  raises autograd's in-place error instead of computing a wrong gradient.
+  raises autograd's in-place error instead of computing a wrong gradient. (``reduction='none'`` on the
+  PyTorch path ignores it.)
 """
 
 from __future__ import annotations
@@ -53,8 +54,10 @@ def log_probs(logits: Tensor, temperature: float) -> Tensor:
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     x = logits.to(dtype)
     out = torch.log_softmax(x / temperature if temperature != 1.0 else x, dim=-1)
-    # Only padded vocabularies hold -inf; skip the extra copy otherwise.
-    return out.clamp_min(torch.finfo(dtype).min) if torch.isinf(out).any() else out
+    # Only padded vocabularies hold -inf; skip the extra copy otherwise (amin: one reduction, no temporary;
+    # a bool isinf() mask cost more than the log_softmax itself).
+    has_neg_inf = out.numel() > 0 and bool(out.amin() == float("-inf"))
+    return out.clamp_min(torch.finfo(dtype).min) if has_neg_inf else out
 
 
 def position_weights(mask: Tensor, reduction: str, normalizer: float | None) -> Tensor:

@@ -23,6 +23,7 @@ term computed later). Backward through the loss once only (no ``retain_graph`` d
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -40,6 +41,7 @@ KERNEL_IDS = tuple(sorted(KERNEL_PARAMS))
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+@functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
     """Whether ``triton`` can be imported (checked without importing it)."""
     return importlib.util.find_spec("triton") is not None
