@@ -717,12 +717,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-trl", action="store_true", help="leave TRL out even if installed")
     p.add_argument("--no-liger", action="store_true", help="leave Liger out even if installed")
     p.add_argument("--no-compile", action="store_true", help="gpu suite: leave the torch.compile rows out")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's default; the suite's jobs use threads_per_job)")
     p.add_argument("--out", default=None, help="write the Markdown table here (default results/bench/objectives-<device>.md)")
     args = parser.parse_args(argv)
     gpu = (args.suite or ("gpu" if args.device == "cuda" else "cpu")) == "gpu"
     args.vocab = args.vocab or ([151936] if gpu else [32000, 151936])
     args.positions = args.positions or ([8192] if gpu else None)
     args.repeats = args.repeats or (10 if gpu else 3)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     text = bench_kernels(args) if gpu else bench_objectives(args)
     print(text)

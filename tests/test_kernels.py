@@ -221,6 +221,17 @@ def test_akl_head_on_a_peaked_teacher(small_blocks):
         _assert_match("akl", s, t2, mask, labels, params={"mu": mu})
 
 
+def test_persistent_programs_loop_over_rows(monkeypatch):
+    """PROGRAMS = k launches k programs that each take every k-th row: same values and gradients."""
+    s, t, mask, labels = _case(33, seed=37, n=7)
+    for name in ["jsd", "akl", "ce"]:
+        ref_v, ref_g = _kernel_value_grad(name, s, t, mask, labels, tau=1.0 if name == "ce" else 1.3)
+        monkeypatch.setattr(TD, "PROGRAMS", 3)
+        v, g = _kernel_value_grad(name, s, t, mask, labels, tau=1.0 if name == "ce" else 1.3)
+        monkeypatch.setattr(TD, "PROGRAMS", None)
+        assert v.item() == ref_v.item() and torch.equal(g, ref_g), name
+
+
 def test_zero_at_equal_distributions_and_nonnegative(small_blocks):
     s, _, mask, labels = _case(33, seed=9)
     for name in EXISTING + NEW:

@@ -53,13 +53,22 @@ def interpreting() -> bool:
 
 
 def kernel_id(fn) -> str | None:
-    """The built-in id whose kernel computes per-position function ``fn``, or None (a user objective)."""
+    """The built-in id whose kernel computes per-position function ``fn``, or None (a user objective).
+
+    ``fn`` is the function registered under that id (whatever its name), or a function of
+    :mod:`harness.objectives.divergences` named like the id; the wrapper's ``_nll`` is ``ce``.
+    """
     module, name = getattr(fn, "__module__", None), getattr(fn, "__name__", None)
-    if module == "harness.objectives.divergences" and name in KERNEL_PARAMS:
-        return name
     if module == "harness.objectives.wrapper" and name == "_nll":
         return "ce"
-    return None
+    if module != "harness.objectives.divergences":
+        return None
+    from harness.objectives import _REGISTRY  # imported by the time a loss is computed
+
+    for rid, spec in _REGISTRY.items():
+        if spec.fn is fn:
+            return rid if rid in KERNEL_PARAMS else None
+    return name if name in KERNEL_PARAMS else None
 
 
 def check_kernel(kernel: str) -> None:

@@ -26,7 +26,7 @@ def variants(everything: bool = False):
 
     dtypes = ("bf16", "fp16", "fp32") if everything else ("bf16",)
     grads = (True, False) if everything else (True,)
-    common = {"stride_s": "i64", "stride_t": "i64", "stride_g": "i64", "V": "i32", "inv_tau": "fp32"}
+    common = {"n_rows": "i32", "stride_s": "i64", "stride_t": "i64", "stride_g": "i64", "V": "i32", "inv_tau": "fp32"}
     for dt in dtypes:
         for grad in grads:
             for name, kind in TD.KIND.items():
