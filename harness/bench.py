@@ -448,6 +448,15 @@ def bench_kernels(args) -> str:
             _run_case(rows, name, "triton", lambda call=call: call("triton"), student, device, args)
             _run_case(rows, name, "triton, in place", lambda call=call: call("triton", True), student, device, args,
                       before=restore)
+            for programs in args.programs or ():  # persistent grids: fewer rows in flight (L2 reuse)
+                def persistent(call=call, programs=programs):
+                    before, triton_divergence.PROGRAMS = triton_divergence.PROGRAMS, programs
+                    try:
+                        return call("triton", True)
+                    finally:
+                        triton_divergence.PROGRAMS = before
+                _run_case(rows, name, f"triton, in place, {programs} programs", persistent, student, device, args,
+                          before=restore)
         _run_case(rows, name, "torch eager", lambda call=call: call("torch"), student, device, args)
         if not args.no_compile:
             if name == "ce":
@@ -646,7 +655,7 @@ def _render(rows, args, device, dtype, positions, trl_version, mem_method, load)
         f"a case stops repeating once it has used {args.case_budget:g} s (column n); batch-wise objectives "
         "run once",
         f"- memory: {mem_method}; 'extra' includes the student gradient (1 × logits); "
-        "'beyond grad' = extra − one logits tensor",
+        "'beyond grad' = extra − one logits tensor (in-place rows hold no gradient buffer: beyond grad = extra)",
         f"- chunked rows: chunk_size={args.chunk_size}, capped at wrapper.CHUNK_ELEMENTS = "
         f"{_chunk_elements():,} logits per chunk ("
         + ", ".join(f"V={v:,}: {_rows_per_chunk(args.chunk_size, v, n)} positions" for v, n in positions.items())
@@ -677,7 +686,8 @@ def _render(rows, args, device, dtype, positions, trl_version, mem_method, load)
                 cells.append(f"{r.median / trl.median:.2f}" if trl else "")
             cells += [
                 f"{r.extra / 2**20:,.0f}", f"{r.extra / logits_bytes:.2f}",
-                f"{(r.extra - logits_bytes) / logits_bytes:.2f}", f"{r.value:.5f}",
+                f"{(r.extra - (0 if isinstance(r.chunk, str) else logits_bytes)) / logits_bytes:.2f}",
+                f"{r.value:.5f}",
             ]
             lines.append("| " + " | ".join(cells) + " |")
         notes = sorted({r.note for r in vr if r.note})
@@ -713,6 +723,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="objective ids (default: all registered; per-position ones and ce for the gpu suite)")
     p.add_argument("--fused-shape", type=int, nargs=3, default=[8192, 4096, 128256], metavar=("N", "H", "V"),
                    help="gpu suite: positions, hidden size and vocabulary of the fused LM-head rows")
+    p.add_argument("--programs", type=int, nargs="+", default=None,
+                   help="gpu suite: also time the in-place kernels with these persistent grid sizes (e.g. 132 264)")
     p.add_argument("--fused-ids", nargs="+", default=["jsd"], help="gpu suite: objectives of the fused rows")
     p.add_argument("--no-trl", action="store_true", help="leave TRL out even if installed")
     p.add_argument("--no-liger", action="store_true", help="leave Liger out even if installed")

@@ -502,12 +502,18 @@ def test_bench_kernel_suite_smoke(tmp_path):
     out = tmp_path / "kernels.md"
     bench.main(["objectives", "--suite", "gpu", "--device", "cpu", "--vocab", "40", "--positions", "6",
                 "--ids", "fkl", "jsd", "ce", "--fused-shape", "6", "8", "40", "--repeats", "1", "--no-compile",
+                "--programs", "2",
                 "--dtype", "float32", "--out", str(out)])
     text = out.read_text()
     for row in ("| fkl | triton |", "| fkl | triton, in place |", "| fkl | torch eager |", "| jsd | TRL",
+                "| jsd | triton, in place, 2 programs |",
                 "| ce | triton |", "fused"):
         assert row in text, row
     assert "× floor" in text and "liger" in text.lower()
+    for line in text.splitlines():  # every implementation agrees with eager PyTorch (value column, Δ column)
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 12 and cells[0] in ("fkl", "jsd", "ce"):
+            assert float(cells[-1]) < 1e-5, line
 
 
 def test_kernels_compile_for_h100_without_a_gpu():
