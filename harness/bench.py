@@ -1,8 +1,20 @@
 """Micro-benchmarks of the harness (``python -m harness.bench objectives ...``).
 
-``objectives``: forward+backward time and peak extra memory of every objective on random
-``[positions, V]`` logits, as ratios to plain ``torch.nn.functional.cross_entropy`` and to TRL's
-``GKDTrainer.generalized_jsd_loss`` (β = 0.5) measured in the same run, dense and chunked.
+``objectives`` has two suites (``--suite``; default: ``gpu`` on CUDA, ``cpu`` otherwise):
+
+- ``cpu``: forward+backward time and peak extra memory of every objective on random ``[positions, V]``
+  logits, as ratios to plain ``torch.nn.functional.cross_entropy`` and to TRL's
+  ``GKDTrainer.generalized_jsd_loss`` (β = 0.5) measured in the same run: dense, chunked (``--chunk-size``,
+  capped by ``wrapper.CHUNK_ELEMENTS``) and chunked with the gradient written over the logits (in place).
+- ``gpu`` (``--device cuda`` writes ``results/bench/objectives-cuda.md``): every per-token objective through
+  the Triton kernels (out of place and in place), eager PyTorch, ``torch.compile`` of the same formula, and
+  the peers TRL ``generalized_jsd_loss`` and Liger's JSD / KL-div / TVD kernels (when installed), at
+  8,192 × 151,936 bf16 by default; times and memory as ratios to the floor (an op that reads both logits once
+  and writes one logits-sized tensor: ``torch.add(student, teacher, out=buffer)``, timed in the same run). Then
+  the fused LM head + loss in Liger's setting (8,192 × 4,096 hidden, V = 128,256, JSD β = 0.5): our fused
+  path, the unfused matmul + loss, TRL, Liger's fused-linear JSD (both of its implementations), and the four
+  matmuls alone. The suite also runs on CPU (Triton under ``TRITON_INTERPRET=1``) with tiny shapes, which is
+  how the tests exercise it.
 
 Memory
 ------
@@ -13,8 +25,8 @@ Memory
   cannot hide its buffers in memory malloc kept from an earlier one), glibc's mmap threshold is fixed at
   1 MiB (``mallopt(M_MMAP_THRESHOLD)``): every tensor ≥ 1 MiB is its own mapping, returned on free. glibc
   does the same by default for buffers ≥ 32 MiB, i.e. for every full-size logits buffer here.
-- The "extra" includes the student's gradient, one logits-sized tensor the caller must hold anyway;
-  ``beyond grad`` subtracts it.
+- The "extra" includes the student's gradient, one logits-sized tensor the caller must hold anyway unless it
+  is written over the logits (``in place`` rows); ``beyond grad`` subtracts it.
 """
 
 from __future__ import annotations
@@ -94,7 +106,7 @@ class PeakMemory:
 class Row:
     vocab: int
     name: str
-    chunk: int | None
+    chunk: int | str | None
     times: list[float]
     extra: int
     value: float
@@ -141,12 +153,21 @@ def _status_meminfo_gib() -> float:
         return int(fh.readline().split()[1]) / 2**20
 
 
-def _measure(fn, student, device, repeats: int, budget_s: float) -> tuple[list[float], int, float]:
-    """Run ``fn()`` (returns the loss) + backward up to ``repeats`` times; stop early past ``budget_s``."""
+def _measure(fn, student, device, repeats: int, budget_s: float, before=None,
+             holders=()) -> tuple[list[float], int, float]:
+    """Run ``fn()`` (returns the loss) + backward up to ``repeats`` times; stop early past ``budget_s``.
+
+    ``before()`` runs before each call, outside the timed and measured window (restores logits that an
+    in-place case overwrote); the ``.grad`` of ``student`` and of ``holders`` is dropped after each call.
+    """
     times, peak, value = [], 0, float("nan")
     start = time.perf_counter()
+    tensors = (student, *holders)
     for _ in range(repeats):
-        student.grad = None
+        for x in tensors:
+            x.grad = None
+        if before is not None:
+            before()
         with PeakMemory(device) as mem:
             t0 = time.perf_counter()
             loss = fn()
@@ -156,7 +177,8 @@ def _measure(fn, student, device, repeats: int, budget_s: float) -> tuple[list[f
             times.append(time.perf_counter() - t0)
             value = float(loss.detach())
             del loss
-            student.grad = None
+            for x in tensors:
+                x.grad = None
         peak = max(peak, mem.extra)
         if time.perf_counter() - start > budget_s:
             break
@@ -164,13 +186,15 @@ def _measure(fn, student, device, repeats: int, budget_s: float) -> tuple[list[f
 
 
 def bench_objectives(args) -> str:
+    """The CPU suite (see the module docstring)."""
     import harness.objectives as O
+    from harness.objectives import wrapper as W
 
     device = torch.device(args.device)
     if device.type == "cpu":
         _fix_mmap_threshold()
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[
-        args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+        args.dtype or "float32"
     ]
     positions = args.positions or ([8192] if device.type == "cuda" else [512, 256])
     if len(positions) == 1:
@@ -194,6 +218,12 @@ def bench_objectives(args) -> str:
         student = (2.0 * torch.randn(n, vocab, generator=gen)).to(device=device, dtype=dtype).requires_grad_(True)
         teacher = (2.0 * torch.randn(n, vocab, generator=gen)).to(device=device, dtype=dtype)
         labels = torch.randint(0, vocab, (n,), generator=gen).to(device)
+        backup = student.detach().clone()  # in-place cases overwrite the logits: restored before each call
+        ones = torch.ones(n, device=device)
+
+        def restore():
+            with torch.no_grad():
+                student.copy_(backup)
 
         cases = [("cross_entropy (torch)", None, lambda: F.cross_entropy(student.float(), labels)
                   if dtype != torch.float32 else F.cross_entropy(student, labels), "")]
@@ -215,6 +245,14 @@ def bench_objectives(args) -> str:
                     note = f"batch-wise, default cap max_positions={cap} of {n}; chunking n/a"
                 cases.append((name, chunk, (lambda obj=obj, tch=tch, kw=kw, chunk=chunk:
                                             obj(student, tch, chunk_size=chunk, **kw)), note))
+            if not batchwise:  # chunked, the gradient written over the logits (wrapper-level option)
+                fn = W._nll if name == "ce" else obj.spec.fn
+                tgt = labels[:, None] if name == "ce" else teacher
+                cases.append((name, f"{args.chunk_size} in place", (
+                    lambda fn=fn, tgt=tgt, params=({} if name == "ce" else obj.params):
+                    W.reduce_per_position(fn, student, tgt, ones, params, temperature=1.0, reduction="mean",
+                                          chunk_size=args.chunk_size, normalizer=None, kernel="torch",
+                                          inplace=True)), ""))
 
         # warm-up on a small slice (first-call costs), not at full size: full-size calls take seconds here
         small_s = student.detach()[:8].clone().requires_grad_(True)
@@ -227,15 +265,367 @@ def bench_objectives(args) -> str:
 
         for name, chunk, fn, note in cases:
             repeats = 1 if "batch-wise" in note else args.repeats
-            times, extra, value = _measure(fn, student, device, repeats, args.case_budget)
+            inplace = isinstance(chunk, str)
+            times, extra, value = _measure(fn, student, device, repeats, args.case_budget,
+                                           before=restore if inplace else None)
+            if inplace:
+                restore()
             rows.append(Row(vocab, name, chunk, times, extra, value, note))
             print(f"V={vocab} N={n} {name:32s} chunk={chunk!s:5s} {statistics.median(times)*1e3:10.1f} ms "
                   f"extra {extra / 2**20:9.1f} MiB  value {value:.6f}  (n={len(times)})", file=sys.stderr)
-        del student, teacher
+        restore()
+        del student, teacher, backup
 
     load = f"{load_before} before, {_load()} after"
     return _render(rows, args, device, dtype, dict(zip(args.vocab, positions)), trl_version,
                    PeakMemory(device).method, load)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the GPU suite: Triton kernels against eager PyTorch, torch.compile, TRL and Liger
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class KRow:
+    objective: str
+    impl: str
+    times: list[float]
+    extra: int
+    value: float
+    note: str = ""
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times) if self.times else float("nan")
+
+
+class _Seeded:
+    """Backward of a non-scalar output with a fixed incoming gradient (the matmuls-alone reference)."""
+
+    def __init__(self, out, grad):
+        self.out, self.grad = out, grad
+
+    def backward(self):
+        self.out.backward(self.grad)
+
+    def detach(self):
+        return torch.zeros(())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _floor_time(a: torch.Tensor, b: torch.Tensor, device: torch.device, repeats: int) -> float:
+    """Median time of ``torch.add(a, b, out=c)``: reads both logits once and writes one logits-sized tensor."""
+    out = torch.empty_like(a)
+    with torch.no_grad():
+        torch.add(a, b, out=out)
+        times = []
+        for _ in range(max(repeats, 3)):
+            _sync(device)
+            t0 = time.perf_counter()
+            torch.add(a, b, out=out)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _liger() -> dict | None:
+    try:
+        import liger_kernel
+        from liger_kernel.transformers import LigerFusedLinearJSD, LigerJSD, LigerKLDIVLoss, LigerTVDLoss
+    except Exception:  # not installed, or no GPU backend
+        return None
+    found = {"version": getattr(liger_kernel, "__version__", "?"), "jsd": LigerJSD, "kldiv": LigerKLDIVLoss,
+             "tvd": LigerTVDLoss, "fused_jsd": LigerFusedLinearJSD}
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        found["chunked_jsd"] = LigerFusedLinearJSDLoss
+    except Exception:
+        pass
+    return found
+
+
+def _version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except Exception:
+        return "not installed"
+
+
+def _run_case(rows, objective, impl, fn, student, device, args, before=None, holders=(), note=""):
+    """Warm up once (compilation, autotuning), then measure; a failure (e.g. out of memory) becomes a note."""
+    try:
+        for x in (student, *holders):
+            x.grad = None
+        if before is not None:
+            before()
+        loss = fn()
+        loss.backward()
+        del loss
+        _sync(device)
+        times, extra, value = _measure(fn, student, device, args.repeats, args.case_budget, before=before,
+                                       holders=holders)
+    except Exception as exc:  # noqa: BLE001 (a benchmark row, not a crash)
+        for x in (student, *holders):
+            x.grad = None
+        if before is not None:
+            before()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        rows.append(KRow(objective, impl, [], 0, float("nan"), f"{type(exc).__name__}: {str(exc)[:120]}"))
+        print(f"{objective:5s} {impl:40s} FAILED {type(exc).__name__}: {exc}", file=sys.stderr)
+        return
+    if before is not None:
+        before()  # leave the inputs as found (an in-place case overwrote the logits)
+    rows.append(KRow(objective, impl, times, extra, value, note))
+    print(f"{objective:5s} {impl:40s} {statistics.median(times) * 1e3:10.2f} ms  extra {extra / 2**30:8.3f} GiB  "
+          f"value {value:.6f}  (n={len(times)})", file=sys.stderr)
+
+
+def bench_kernels(args) -> str:
+    """The GPU suite (see the module docstring); on CPU it runs Triton under TRITON_INTERPRET=1."""
+    import harness.objectives as O
+    from harness.objectives import kernels as K
+    from harness.objectives import wrapper as W
+    from harness.objectives.fused import fused_linear_loss
+
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        _fix_mmap_threshold()
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype or "bfloat16"]
+    n, vocab = args.positions[0], args.vocab[0]
+    ids = args.ids or [i for i in O.available() if O.spec(i).kind != "batch"]
+    has_triton = K.triton_available() and (device.type == "cuda" or K.interpreting())
+    passes = {}
+    if has_triton:
+        from harness.objectives.kernels import triton_divergence
+
+        passes = triton_divergence.PASSES
+    trl_jsd = None if args.no_trl else _trl_jsd()
+    liger = None if args.no_liger else _liger()
+    notes = []
+    if not has_triton:
+        notes.append("triton not usable here (not installed, or CPU without TRITON_INTERPRET=1): Triton rows left out")
+    if liger is None:
+        notes.append("liger-kernel not installed (or not importable here): Liger rows left out"
+                     + (" (--no-liger)" if args.no_liger else ""))
+    if trl_jsd is None:
+        notes.append("TRL not importable: its rows left out" + (" (--no-trl)" if args.no_trl else ""))
+    if args.no_compile:
+        notes.append("torch.compile rows left out (--no-compile)")
+
+    load_before = _load()
+    rows: list[KRow] = []
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    student = (2.0 * torch.randn(n, vocab, generator=gen)).to(device=device, dtype=dtype).requires_grad_(True)
+    teacher = (2.0 * torch.randn(n, vocab, generator=gen)).to(device=device, dtype=dtype)
+    labels = torch.randint(0, vocab, (n,), generator=gen).to(device)
+    ones = torch.ones(n, device=device)
+    backup = student.detach().clone()
+
+    def restore():
+        with torch.no_grad():
+            student.copy_(backup)
+
+    floor = _floor_time(student.detach(), teacher, device, args.repeats)
+    logits_bytes = student.numel() * student.element_size()
+
+    for name in ids:
+        spec = O.spec(name)
+        params = dict(O.get(name).params)
+        fn = W._nll if name == "ce" else spec.fn
+        tgt = labels[:, None] if name == "ce" else teacher
+
+        def call(kernel, inplace=False, fn=fn, tgt=tgt, params=params, name=name):
+            return W.reduce_per_position(fn, student, tgt, ones, {} if name == "ce" else params, temperature=1.0,
+                                         reduction="mean", chunk_size=None, normalizer=None, kernel=kernel,
+                                         inplace=inplace)
+
+        if has_triton and K.kernel_id(fn) is not None:
+            _run_case(rows, name, "triton", lambda call=call: call("triton"), student, device, args)
+            _run_case(rows, name, "triton, in place", lambda call=call: call("triton", True), student, device, args,
+                      before=restore)
+            for programs in args.programs or ():  # persistent grids: fewer rows in flight (L2 reuse)
+                def persistent(call=call, programs=programs):
+                    before, triton_divergence.PROGRAMS = triton_divergence.PROGRAMS, programs
+                    try:
+                        return call("triton", True)
+                    finally:
+                        triton_divergence.PROGRAMS = before
+                _run_case(rows, name, f"triton, in place, {programs} programs", persistent, student, device, args,
+                          before=restore)
+        _run_case(rows, name, "torch eager", lambda call=call: call("torch"), student, device, args)
+        if not args.no_compile:
+            if name == "ce":
+                def formula(s, t):
+                    return F.cross_entropy(s.float(), labels)
+            else:
+                def formula(s, t, fn=fn, params=params):
+                    return fn(torch.log_softmax(s.float(), -1), torch.log_softmax(t.float(), -1), **params).mean()
+            compiled = torch.compile(formula)
+            _run_case(rows, name, "torch.compile", lambda c=compiled: c(student, teacher), student, device, args)
+        if name == "jsd" and params.get("beta") == 0.5:
+            if trl_jsd is not None:
+                _run_case(rows, name, "TRL generalized_jsd_loss", lambda: trl_jsd(
+                    student[None], teacher[None], labels=labels[None], beta=0.5), student, device, args)
+            if liger is not None:
+                jsd = liger["jsd"](beta=0.5)
+                _run_case(rows, name, "Liger LigerJSD (on log_softmax)", lambda: jsd(
+                    torch.log_softmax(student.float(), -1), torch.log_softmax(teacher.float(), -1)),
+                    student, device, args)
+        if name == "fkl" and liger is not None:
+            kld = liger["kldiv"](reduction="batchmean", log_target=True)
+            _run_case(rows, name, "Liger LigerKLDIVLoss (on log_softmax)", lambda: kld(
+                torch.log_softmax(student.float(), -1), torch.log_softmax(teacher.float(), -1)), student, device, args)
+        if name == "tvd" and liger is not None:
+            tvd = liger["tvd"](reduction="batchmean")
+            _run_case(rows, name, "Liger LigerTVDLoss (on softmax)", lambda: tvd(
+                torch.softmax(student.float(), -1), torch.softmax(teacher.float(), -1)), student, device, args)
+    restore()
+    del student, teacher, backup
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    # ---- fused LM head + loss --------------------------------------------------------------------------------
+    fn_, hidden, fvocab = args.fused_shape
+    frows: list[KRow] = []
+    hs = (torch.randn(fn_, hidden, generator=gen) / 2).to(device=device, dtype=dtype).requires_grad_(True)
+    ws = (torch.randn(fvocab, hidden, generator=gen) / hidden ** 0.5).to(device=device, dtype=dtype).requires_grad_(True)
+    ht = (torch.randn(fn_, hidden, generator=gen) / 2).to(device=device, dtype=dtype)
+    wt = (torch.randn(fvocab, hidden, generator=gen) / hidden ** 0.5).to(device=device, dtype=dtype)
+    flabels = torch.randint(0, fvocab, (fn_,), generator=gen).to(device)
+    fones = torch.ones(fn_, device=device)
+    seed_grad = torch.randn(fn_, fvocab, generator=gen).to(device=device, dtype=dtype) * 1e-6
+
+    def matmuls():
+        with torch.no_grad():
+            zt = ht @ wt.t()
+        del zt
+        return _Seeded(hs @ ws.t(), seed_grad)
+
+    _run_case(frows, "-", "the two head matmuls + their backward", matmuls, hs, device, args, holders=(ws,))
+    del seed_grad
+    for name in args.fused_ids:
+        params = dict(O.get(name).params)
+        fn = W._nll if name == "ce" else O.spec(name).fn
+        for kernel in (["triton"] if has_triton else []) + ["torch"]:
+            _run_case(frows, name, f"ours fused ({kernel})", lambda name=name, kernel=kernel: fused_linear_loss(
+                name, hs, ws, ht, wt, labels=flabels, kernel=kernel), hs, device, args, holders=(ws,))
+        for kernel in (["triton"] if has_triton else []) + ["torch"]:
+            def unfused(kernel=kernel, fn=fn, params=params, name=name):
+                with torch.no_grad():
+                    zt = flabels[:, None] if name == "ce" else ht @ wt.t()
+                return W.reduce_per_position(fn, hs @ ws.t(), zt, fones, {} if name == "ce" else params,
+                                             temperature=1.0, reduction="mean", chunk_size=None, normalizer=None,
+                                             kernel=kernel, inplace=kernel == "triton")
+            label = "matmul + our kernel (in place)" if kernel == "triton" else "matmul + eager torch"
+            _run_case(frows, name, label, unfused, hs, device, args, holders=(ws,))
+        if name == "jsd" and params.get("beta") == 0.5:
+            if trl_jsd is not None:
+                def trl_unfused():
+                    with torch.no_grad():
+                        zt = ht @ wt.t()
+                    return trl_jsd((hs @ ws.t())[None], zt[None], labels=flabels[None], beta=0.5)
+                _run_case(frows, name, "matmul + TRL generalized_jsd_loss", trl_unfused, hs, device, args,
+                          holders=(ws,))
+            if liger is not None:
+                fused_jsd = liger["fused_jsd"](jsd_beta=0.5)
+                _run_case(frows, name, "Liger LigerFusedLinearJSD", lambda: fused_jsd(hs, ws, ht, wt, None),
+                          hs, device, args, holders=(ws,))
+                if "chunked_jsd" in liger:
+                    chunked = liger["chunked_jsd"](weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.5)
+                    _run_case(frows, name, "Liger chunked LigerFusedLinearJSDLoss", lambda: chunked(
+                        hs, ws, ht, wt, flabels), hs, device, args, holders=(ws,))
+    del hs, ws, ht, wt
+
+    load = f"{load_before} before, {_load()} after"
+    return _render_kernels(rows, frows, args, device, dtype, n, vocab, floor, logits_bytes, passes, liger, notes,
+                           load)
+
+
+def _render_kernels(rows, frows, args, device, dtype, n, vocab, floor, logits_bytes, passes, liger, notes,
+                    load) -> str:
+    cmd = "python -m harness.bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    gib = 2**30
+    fn_, hidden, fvocab = args.fused_shape
+    lines = [
+        f"# Objectives: loss kernels ({device.type})",
+        "",
+        f"- command: `{cmd}`",
+        f"- date: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- machine: {_machine(device)}; load average (1/5/15 min): {load}",
+        f"- python {platform.python_version()}, torch {torch.__version__}, triton {_version('triton')}, "
+        f"trl {_version('trl')}, liger-kernel {liger['version'] if liger else 'not installed'}",
+        f"- logits: student and teacher `[{n:,}, {vocab:,}]` {str(dtype).replace('torch.', '')}, N(0, 2²) random, "
+        f"every position counted, τ = 1, default parameters; one logits tensor = {logits_bytes / gib:.3f} GiB",
+        f"- floor: {floor * 1e3:.3f} ms = `torch.add(student, teacher, out=buffer)` (reads both logits once, writes "
+        f"one logits-sized tensor: {3 * logits_bytes / floor / 1e9:,.0f} GB/s), timed in this run; memory floor: "
+        "the gradient (1 × logits), or 0 in place",
+        f"- time: median of up to {args.repeats} timed fwd+bwd calls (n) after one full-size warm-up call "
+        "(compilation, autotuning); memory: "
+        + PeakMemory(device).method + "; 'extra' includes the student gradient unless written in place",
+        "- targets (shared/design/performance.md): every per-token objective ≤ 2 × floor and extra ≤ 0.1 × one "
+        "logits tensor; fused head + loss ≤ 60 ms and ≤ 1 GB extra in the fused setting",
+        "- passes: reads of the vocabulary per position by the Triton kernel (akl: 3 full + 7 teacher-only)",
+        *(f"- {note}" for note in notes),
+        "",
+        f"## Per-token objectives, N = {n:,}, V = {vocab:,}",
+        "",
+        "| objective | implementation | passes | fwd+bwd ms | n | × floor | × eager | × compile | extra GiB "
+        "| extra × logits | value | Δ value vs eager |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in dict.fromkeys(r.objective for r in rows):
+        vr = [r for r in rows if r.objective == name]
+        eager = next((r for r in vr if r.impl == "torch eager" and r.times), None)
+        comp = next((r for r in vr if r.impl == "torch.compile" and r.times), None)
+        for r in vr:
+            if not r.times:
+                lines.append(f"| {name} | {r.impl} | | | | | | | | | | {r.note} |")
+                continue
+            ratio = (lambda ref: f"{r.median / ref.median:.2f}" if ref else "")
+            delta = f"{abs(r.value - eager.value):.1e}" if eager else ""
+            lines.append(
+                f"| {name} | {r.impl} | {passes.get(name, '') if r.impl.startswith('triton') else ''} | "
+                f"{r.median * 1e3:,.2f} | {len(r.times)} | {r.median / floor:.2f} | {ratio(eager)} | {ratio(comp)} | "
+                f"{r.extra / gib:,.3f} | {r.extra / logits_bytes:.2f} | {r.value:.6f} | {delta} |"
+            )
+    f_logits = fn_ * fvocab * torch.tensor([], dtype=dtype).element_size()
+    mm = next((r for r in frows if r.objective == "-" and r.times), None)
+    lines += [
+        "",
+        f"## Fused LM head + loss, N = {fn_:,}, H = {hidden:,}, V = {fvocab:,} (one logits tensor = "
+        f"{f_logits / gib:.3f} GiB; the weight gradient alone = {fvocab * hidden * torch.tensor([], dtype=dtype).element_size() / gib:.3f} GiB)",
+        "",
+        "| objective | implementation | fwd+bwd ms | n | × matmuls | extra GiB | extra GB | value |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in frows:
+        if not r.times:
+            lines.append(f"| {r.objective} | {r.impl} | | | | | | {r.note} |")
+            continue
+        lines.append(
+            f"| {r.objective} | {r.impl} | {r.median * 1e3:,.2f} | {len(r.times)} | "
+            f"{(r.median / mm.median) if mm else float('nan'):.2f} | {r.extra / gib:,.3f} | {r.extra / 1e9:,.3f} | "
+            f"{'' if r.objective == '-' else f'{r.value:.6f}'} |"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _chunk_elements() -> int:
+    from harness.objectives import wrapper
+
+    return wrapper.CHUNK_ELEMENTS
+
+
+def _rows_per_chunk(chunk, vocab, n) -> int:
+    from harness.objectives import wrapper
+
+    return wrapper.rows_per_chunk(chunk, vocab, n)
 
 
 def _load() -> str:
@@ -265,8 +655,12 @@ def _render(rows, args, device, dtype, positions, trl_version, mem_method, load)
         f"a case stops repeating once it has used {args.case_budget:g} s (column n); batch-wise objectives "
         "run once",
         f"- memory: {mem_method}; 'extra' includes the student gradient (1 × logits); "
-        "'beyond grad' = extra − one logits tensor",
-        f"- chunked rows: chunk_size={args.chunk_size}",
+        "'beyond grad' = extra − one logits tensor (in-place rows hold no gradient buffer: beyond grad = extra)",
+        f"- chunked rows: chunk_size={args.chunk_size}, capped at wrapper.CHUNK_ELEMENTS = "
+        f"{_chunk_elements():,} logits per chunk ("
+        + ", ".join(f"V={v:,}: {_rows_per_chunk(args.chunk_size, v, n)} positions" for v, n in positions.items())
+        + "); 'in place' rows write the gradient over the student logits (`inplace=True`), restored before "
+        "each call outside the measurement",
         "",
     ]
     has_trl = any(r.name.startswith("TRL") for r in rows)
@@ -292,7 +686,8 @@ def _render(rows, args, device, dtype, positions, trl_version, mem_method, load)
                 cells.append(f"{r.median / trl.median:.2f}" if trl else "")
             cells += [
                 f"{r.extra / 2**20:,.0f}", f"{r.extra / logits_bytes:.2f}",
-                f"{(r.extra - logits_bytes) / logits_bytes:.2f}", f"{r.value:.5f}",
+                f"{(r.extra - (0 if isinstance(r.chunk, str) else logits_bytes)) / logits_bytes:.2f}",
+                f"{r.value:.5f}",
             ]
             lines.append("| " + " | ".join(cells) + " |")
         notes = sorted({r.note for r in vr if r.note})
@@ -310,22 +705,42 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.bench", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("objectives", help="forward+backward time and memory of every objective")
-    p.add_argument("--vocab", type=int, nargs="+", default=[32000, 151936])
+    p.add_argument("--suite", choices=["cpu", "gpu"], default=None,
+                   help="cpu: PyTorch dense/chunked vs CE and TRL; gpu: Triton kernels vs eager, torch.compile, TRL, "
+                   "Liger, and the fused LM head (default: gpu on CUDA, cpu otherwise)")
+    p.add_argument("--vocab", type=int, nargs="+", default=None,
+                   help="vocabulary sizes (default: cpu suite 32000 151936, gpu suite 151936)")
     p.add_argument("--positions", type=int, nargs="+", default=None,
-                   help="positions N, one value or one per --vocab (default: CPU 512 256, CUDA 8192)")
+                   help="positions N, one value or one per --vocab (default: cpu suite 512 256, gpu suite 8192)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="logits dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="logits dtype (default: float32 for the cpu suite, bfloat16 for the gpu suite)")
     p.add_argument("--chunk-size", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per case (default: cpu 3, gpu 10)")
     p.add_argument("--case-budget", type=float, default=6.0,
                    help="seconds after which a case stops repeating (at least one timed call)")
-    p.add_argument("--ids", nargs="+", default=None, help="objective ids (default: all registered)")
+    p.add_argument("--ids", nargs="+", default=None,
+                   help="objective ids (default: all registered; per-position ones and ce for the gpu suite)")
+    p.add_argument("--fused-shape", type=int, nargs=3, default=[8192, 4096, 128256], metavar=("N", "H", "V"),
+                   help="gpu suite: positions, hidden size and vocabulary of the fused LM-head rows")
+    p.add_argument("--programs", type=int, nargs="+", default=None,
+                   help="gpu suite: also time the in-place kernels with these persistent grid sizes (e.g. 132 264)")
+    p.add_argument("--fused-ids", nargs="+", default=["jsd"], help="gpu suite: objectives of the fused rows")
     p.add_argument("--no-trl", action="store_true", help="leave TRL out even if installed")
+    p.add_argument("--no-liger", action="store_true", help="leave Liger out even if installed")
+    p.add_argument("--no-compile", action="store_true", help="gpu suite: leave the torch.compile rows out")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's default; the suite's jobs use threads_per_job)")
     p.add_argument("--out", default=None, help="write the Markdown table here (default results/bench/objectives-<device>.md)")
     args = parser.parse_args(argv)
+    gpu = (args.suite or ("gpu" if args.device == "cuda" else "cpu")) == "gpu"
+    args.vocab = args.vocab or ([151936] if gpu else [32000, 151936])
+    args.positions = args.positions or ([8192] if gpu else None)
+    args.repeats = args.repeats or (10 if gpu else 3)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
-    text = bench_objectives(args)
+    text = bench_kernels(args) if gpu else bench_objectives(args)
     print(text)
     out = Path(args.out or f"results/bench/objectives-{args.device}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
