@@ -66,6 +66,7 @@ class TrainConfig:
     max_length: int = 64
     max_prompt_tokens: int = 48
     chunk_size: int | None = None
+    kernel: str = "auto"  # loss kernels: auto (Triton on CUDA, PyTorch elsewhere) | triton | torch
     max_new_tokens: int | None = None  # sampling budget of the modes that generate (None: up to max_length)
     checkpoint_every: int = 0  # optimizer steps between resumable checkpoints (0: only at the end)
     log_every: int = 10
@@ -306,7 +307,8 @@ def train(
                     log.info("%s: aligned vocabularies: student %d vs teacher %d logit columns; the %d padded "
                              "columns are masked as -inf on both sides", name, s_logits.shape[-1],
                              t_logits.shape[-1], abs(s_logits.shape[-1] - t_logits.shape[-1]))
-                value, parts = loss(s_al, t_al, mask, labels=batch["labels"], normalizer=norm, chunk_size=chunk)
+                value, parts = loss(s_al, t_al, mask, labels=batch["labels"], normalizer=norm, chunk_size=chunk,
+                                    kernel=cfg.kernel)
             if not torch.isfinite(value):
                 raise TrainingDiverged(
                     f"{name}: non-finite loss ({float(value.detach())}) at optimizer step {step + 1} "

@@ -33,6 +33,8 @@ _TRAIN_LIMITS = {
     "max_length": dict(ge=2, help="tokens per training sequence, prompt + response"),
     "max_prompt_tokens": dict(ge=1, help="prompt budget; longer training prompts are dropped (MiniLLM)"),
     "chunk_size": dict(ge=1, help="positions per loss chunk (null: dense)"),
+    "kernel": dict(choices=("auto", "triton", "torch"),
+                   help="loss kernels: auto = fused Triton forward+backward on CUDA, PyTorch elsewhere (same values)"),
     "max_new_tokens": dict(ge=1, help="sampling budget of the modes that generate (null: up to max_length)"),
     "checkpoint_every": dict(ge=0, help="optimizer steps between resumable checkpoints (0: none)"),
     "log_every": dict(ge=1, help="optimizer steps between logged losses"),

@@ -61,12 +61,12 @@ def ref_akl(lq, lp, mu=0.5):
     return w * _kl(lp, lq) + (1 - w) * _kl(lq, lp)
 
 
-def ref_bdkd(lq, lp, w_big=3.0):
+def ref_bdkd(lq, lp, weight_high=3.0):
     """ABKD bdkd: weight w_big on KL(p‖q) where H(p) > H(q), on KL(q‖p) where H(q) > H(p); else 1."""
     with torch.no_grad():
         h_q, h_p = -(lq.exp() * lq).sum(-1), -(lp.exp() * lp).sum(-1)
-        w_f = torch.where(h_p > h_q, w_big, 1.0)
-        w_r = torch.where(h_q > h_p, w_big, 1.0)
+        w_f = torch.where(h_p > h_q, weight_high, 1.0)
+        w_r = torch.where(h_q > h_p, weight_high, 1.0)
     return w_f * _kl(lp, lq) + w_r * _kl(lq, lp)
 
 
@@ -84,7 +84,7 @@ def ref_todi(lq, lp):
 
 
 REFS = {"akl": ref_akl, "bdkd": ref_bdkd, "ab": ref_ab, "todi": ref_todi}
-DEFAULTS = {"akl": {"mu": 0.5}, "bdkd": {"w_big": 3.0}, "ab": {"alpha": 0.2, "beta": 0.7}, "todi": {}}
+DEFAULTS = {"akl": {"mu": 0.5}, "bdkd": {"weight_high": 3.0}, "ab": {"alpha": 0.2, "beta": 0.7}, "todi": {}}
 
 
 def _as_builtin(name):
@@ -202,7 +202,7 @@ def test_kernel_low_precision_inputs(name, dtype, small_blocks):
     [("jsd", {"beta": 0.1}), ("jsd", {"beta": 0.9}), ("jsd", {"beta": 0.0}), ("jsd", {"beta": 1.0}),
      ("skl", {"alpha": 0.0}), ("skl", {"alpha": 0.5}), ("srkl", {"alpha": 0.0}), ("srkl", {"alpha": 0.5}),
      ("akl", {"mu": 0.05}), ("akl", {"mu": 0.3}), ("akl", {"mu": 0.9}), ("akl", {"mu": 1.0}),
-     ("bdkd", {"w_big": 2.0}), ("ab", {"alpha": 0.5, "beta": 0.5}), ("ab", {"alpha": 1.0, "beta": 0.3})],
+     ("bdkd", {"weight_high": 2.0}), ("ab", {"alpha": 0.5, "beta": 0.5}), ("ab", {"alpha": 1.0, "beta": 0.3})],
 )
 def test_kernel_parameters(name, params, small_blocks):
     s, t, mask, labels = _case(40, seed=5)

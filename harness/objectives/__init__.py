@@ -347,6 +347,7 @@ class Objective:
         reduction: str = "mean",
         chunk_size: int | None = None,
         normalizer: float | None = None,
+        kernel: str = "auto",
         **params,
     ) -> Tensor:
         if reduction not in REDUCTIONS:
@@ -363,7 +364,7 @@ class Objective:
             )
         common = dict(reduction=reduction, chunk_size=chunk_size, normalizer=normalizer)
         if self.spec.kind == "labels":
-            return cross_entropy(student_logits, labels, mask, **common)
+            return cross_entropy(student_logits, labels, mask, kernel=kernel, **common)
         if teacher_logits is None:
             raise ObjectiveError(f"objective {self.spec.name!r} needs teacher_logits")
         if teacher_logits.shape != student_logits.shape:
@@ -372,8 +373,11 @@ class Objective:
                 f"{tuple(student_logits.shape)} differ; align the vocabularies first "
                 "(harness.models.align_vocab pads the smaller one with -inf)"
             )
-        reduce = reduce_batchwise if self.spec.kind == "batch" else reduce_per_position
-        return reduce(self.spec.fn, student_logits, teacher_logits, mask, kwargs, temperature=temperature, **common)
+        if self.spec.kind == "batch":
+            return reduce_batchwise(self.spec.fn, student_logits, teacher_logits, mask, kwargs,
+                                    temperature=temperature, **common)
+        return reduce_per_position(self.spec.fn, student_logits, teacher_logits, mask, kwargs,
+                                   temperature=temperature, kernel=kernel, **common)
 
 
 def get(name: str, **params) -> Objective:

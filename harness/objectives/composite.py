@@ -14,6 +14,8 @@ Shapes and conventions (per micro-batch)
   the gradient of a step under accumulation equals that of one large batch. Per-position terms are divided
   by it; a batch-wise term (Sinkhorn: one value per micro-batch) is weighted by this micro-batch's share of
   the tokens, ``value · Σ mask / normalizer``.
+- ``kernel``: ``auto`` (fused Triton kernels on CUDA, PyTorch elsewhere), ``triton`` or ``torch``; the same
+  values either way (:mod:`harness.objectives.kernels`).
 - Returns ``(total, parts)``: ``total`` a 0-dim float32 tensor on the graph; ``parts`` the detached
   contribution of each term (already multiplied by its weight), keyed by the term's label, for logging.
 """
@@ -72,19 +74,20 @@ class WeightedLoss:
         return " + ".join(f"{t.weight:g}·{t.objective.name}(τ={t.temperature:g})" for t in self.terms)
 
     def __call__(self, student_logits: Tensor, teacher_logits: Tensor | None, mask: Tensor, *, labels: Tensor,
-                 normalizer: float, chunk_size: int | None = None) -> tuple[Tensor, dict[str, float]]:
+                 normalizer: float, chunk_size: int | None = None,
+                 kernel: str = "auto") -> tuple[Tensor, dict[str, float]]:
         total = None
         parts: dict[str, float] = {}
         for t in self.terms:
             if t.objective.spec.kind == "labels":
                 value = t.objective(student_logits, None, mask, labels=labels, normalizer=normalizer,
-                                    chunk_size=chunk_size)
+                                    chunk_size=chunk_size, kernel=kernel)
             elif t.objective.spec.kind == "batch":
                 value = t.objective(student_logits, teacher_logits, mask, temperature=t.temperature)
                 value = value * (float((mask > 0).sum()) / normalizer)
             else:
                 value = t.objective(student_logits, teacher_logits, mask, temperature=t.temperature,
-                                    normalizer=normalizer, chunk_size=chunk_size)
+                                    normalizer=normalizer, chunk_size=chunk_size, kernel=kernel)
             value = t.weight * value
             parts[t.label] = float(value.detach())
             total = value if total is None else total + value

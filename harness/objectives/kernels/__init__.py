@@ -34,7 +34,7 @@ KERNELS = ("auto", "triton", "torch")
 #: objective ids with a Triton kernel, and the parameter names each kernel understands
 KERNEL_PARAMS: dict[str, tuple[str, ...]] = {
     "fkl": (), "rkl": (), "tvd": (), "todi": (), "ce": (),
-    "jsd": ("beta",), "skl": ("alpha",), "srkl": ("alpha",), "akl": ("mu",), "bdkd": ("w_big",),
+    "jsd": ("beta",), "skl": ("alpha",), "srkl": ("alpha",), "akl": ("mu",), "bdkd": ("weight_high", "weight_low"),
     "ab": ("alpha", "beta"),
 }
 KERNEL_IDS = tuple(sorted(KERNEL_PARAMS))
@@ -86,6 +86,8 @@ def select(kernel: str, fn, student: Tensor, params: dict) -> str | None:
         return None
     if kid == "ab" and not (params.get("alpha", 0.2) > 0 and params.get("beta", 0.7) > 0):
         return None
+    if kid == "bdkd" and params.get("weight_low", 1.0) != 1.0:  # the kernel's off-gate weight is 1
+        return None
     if kernel == "auto":
         return kid if student.is_cuda and triton_available() else None
     if not triton_available():
@@ -106,8 +108,12 @@ def validate_params(kid: str, fn, params: dict) -> None:
             f"{', '.join(unknown)}: update harness/objectives/kernels KERNEL_PARAMS, or use kernel='torch'"
         )
     if kid != "ce":
+        from .. import available, get
+
+        if getattr(fn, "__module__", "") == "harness.objectives.divergences" and kid in available():
+            get(kid, **params)  # the registry's checks (types, ranges): the same refusals as the PyTorch path
         example = torch.log_softmax(torch.tensor([[0.0, 1.0]]), -1)
-        fn(example, example.flip(-1), **params)  # raises the PyTorch path's own error on a bad value
+        fn(example, example.flip(-1), **params)  # and the function's own
 
 
 def _module():

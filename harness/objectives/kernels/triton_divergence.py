@@ -114,7 +114,7 @@ def _divergence_kernel(
 ):
     """Per-position loss ``L[row]`` and gradient row ``G[row]`` of rows ``program_id, +num_programs, ...``.
 
-    ``c1``, ``c2``: the objective's parameters (jsd β; skl/srkl α; bdkd w_big; ab α, β). ``Y``: the labels
+    ``c1``, ``c2``: the objective's parameters (jsd β; skl/srkl α; bdkd weight_high (weight_low 1); ab α, β). ``Y``: the labels
     (``ce`` only; any pointer otherwise). ``T`` is unused for ``ce``.
     """
     for row in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):  # 1 row per program, or more
@@ -373,7 +373,7 @@ def constants(name: str, params: dict) -> tuple[float, float]:
     if name in ("skl", "srkl"):
         return float(params.get("alpha", 0.1)), 0.0
     if name == "bdkd":
-        return float(params.get("w_big", 3.0)), 0.0
+        return float(params.get("weight_high", 3.0)), 0.0
     if name == "ab":
         return float(params.get("alpha", 0.2)), float(params.get("beta", 0.7))
     if name == "akl":
