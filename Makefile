@@ -37,7 +37,7 @@ check: setup
 	$(BIN)/python -m harness.cli check --config $(SUITE)
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 bench: setup
 	$(BIN)/python -m harness.bench objectives
