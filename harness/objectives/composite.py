@@ -72,11 +72,19 @@ class WeightedLoss:
         return " + ".join(f"{t.weight:g}·{t.objective.name}(τ={t.temperature:g})" for t in self.terms)
 
     def __call__(self, student_logits: Tensor, teacher_logits: Tensor | None, mask: Tensor, *, labels: Tensor,
-                 normalizer: float, chunk_size: int | None = None) -> tuple[Tensor, dict[str, float]]:
+                 normalizer: float, chunk_size: int | None = None,
+                 batch: dict | None = None) -> tuple[Tensor, dict[str, float]]:
         total = None
         parts: dict[str, float] = {}
         for t in self.terms:
-            if t.objective.spec.kind == "labels":
+            if t.objective.spec.kind == "sequence":
+                # sequence-level terms (harness.objectives.sequence) read the micro-batch: labels, per-row tags
+                # and values a training mode attached; they return the micro-batch's share of the step's loss
+                if batch is None:
+                    raise ValueError(f"objective {t.objective.name!r} is sequence-level and needs batch=")
+                value = t.objective.spec.fn(student_logits, teacher_logits, {**batch, "loss_mask": mask},
+                                            normalizer=normalizer, temperature=t.temperature, **t.objective.params)
+            elif t.objective.spec.kind == "labels":
                 value = t.objective(student_logits, None, mask, labels=labels, normalizer=normalizer,
                                     chunk_size=chunk_size)
             elif t.objective.spec.kind == "batch":
