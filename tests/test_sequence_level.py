@@ -159,6 +159,12 @@ def test_distillm2_normalizer_weights_by_tokens_and_weighted_loss_passes_the_bat
         loss(torch.tensor(s), torch.tensor(t), batch["loss_mask"], labels=batch["labels"], normalizer=n)
 
 
+def test_distillm2_refuses_the_per_position_path():
+    s, t, labels, mask, role = fixed_inputs()
+    with pytest.raises(objectives.ObjectiveError, match="sequence-level"):
+        objectives.get("distillm2")(torch.tensor(s), torch.tensor(t), torch.tensor(mask))
+
+
 def test_distillm2_objective_parameters_are_checked():
     with pytest.raises(objectives.ObjectiveError, match="alpha"):
         objectives.get("distillm2", alpha=1.5)

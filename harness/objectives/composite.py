@@ -10,6 +10,9 @@ Shapes and conventions (per micro-batch)
 ----------------------------------------
 - ``student_logits``, ``teacher_logits``: ``[B, T, V]`` (the teacher's may be ``None`` when no term needs
   it); ``mask``: ``[B, T]`` response positions; ``labels``: ``[B, T]`` long, ``-100`` where ignored.
+- ``batch``: the micro-batch dict (``harness.distill.train`` passes it); only sequence-level terms (kind
+  ``"sequence"``, :mod:`harness.objectives.sequence`) read it, as
+  ``fn(student_logits, teacher_logits, batch, normalizer=, temperature=, **params)``.
 - ``normalizer``: the step's global count of counted tokens (over all micro-batches and processes), so that
   the gradient of a step under accumulation equals that of one large batch. Per-position terms are divided
   by it; a batch-wise term (Sinkhorn: one value per micro-batch) is weighted by this micro-batch's share of

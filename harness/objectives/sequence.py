@@ -9,7 +9,8 @@ where ``batch`` is the micro-batch dict (``labels`` [B, T], ``loss_mask`` [B, T]
 attached; :func:`harness.distill.train` passes it). The value returned is this micro-batch's share of the step's
 loss: the method's own reduction times ``Σ loss_mask / normalizer`` (as batch-wise terms, so that gradient
 accumulation weights micro-batches by their tokens; with one micro-batch per step the factor is 1). A
-sequence-level term is not callable through :meth:`Objective.__call__` (it needs the batch).
+sequence-level term is not callable through :meth:`Objective.__call__` (it needs the batch): that raises
+:class:`ObjectiveError`.
 
 DistiLLM-2 (``distillm2``)
 --------------------------
@@ -47,7 +48,7 @@ import torch
 from torch import Tensor
 
 from ..schema import Field
-from . import _REGISTRY, ObjectiveSpec
+from . import _REGISTRY, ObjectiveError, ObjectiveSpec
 from .wrapper import log_probs
 
 
@@ -86,13 +87,17 @@ def skew_rkl_detached_positions(log_q: Tensor, log_p: Tensor, alpha: Tensor) -> 
     return (log_q.exp() * (log_q - _mix(log_p, log_q.detach(), 1 - alpha))).sum(-1)
 
 
-def distillm2(student_logits: Tensor, teacher_logits: Tensor, batch: dict, *, normalizer: float | None = None,
+def distillm2(student_logits: Tensor, teacher_logits: Tensor, batch: dict | None = None, *, normalizer: float | None = None,
               temperature: float = 1.0, alpha: float = 0.1, alpha_min: float = 0.01, beta_start: float = 1.0,
               beta_end: float = 1.5, ramp_fraction: float = 0.5) -> Tensor:
     """DistiLLM-2's contrastive loss (CALD) on one micro-batch (see the module docstring).
 
     ``batch`` needs ``labels`` [B, T], ``loss_mask`` [B, T], ``pair_role`` [B] (0: teacher response, 1: student
     response), and optionally ``progress`` (optimizer steps done / total, default 0) and ``alpha_anchor`` [2]."""
+    if not isinstance(batch, dict):
+        raise ObjectiveError("objective 'distillm2' is sequence-level: WeightedLoss calls it with the micro-batch "
+                             "(harness.distill.train passes batch=); it cannot be applied position by position "
+                             "through Objective.__call__")
     labels, mask = batch["labels"], batch["loss_mask"]
     if "pair_role" not in batch:
         raise ValueError("objective 'distillm2' needs batch['pair_role'] (0 = teacher response, 1 = student "
