@@ -24,7 +24,7 @@ anchors). With p the teacher and q the student (softmax at ``temperature``, rele
     student-response rows:  KL(q ‖ (1−α₂) p + α₂ sg(q))           = Σ_v q (log q − log((1−α₂) p + α₂ sg(q)))
 
 (sg: stop-gradient; the student inside the reverse term's mixture is detached, l.1196). Each row's value is its
-token mean over counted positions; the loss is ``(2 − β) · mean_{teacher rows} + β · mean_{student rows}`` with
+token mean over counted positions (a row without any is left out); the loss is ``(2 − β) · mean_{teacher rows} + β · mean_{student rows}`` with
 ``β = beta_start + (beta_end − beta_start) · min(1, progress / ramp_fraction)`` (released ``gradual_beta``:
 ``1 + 0.5 · min(1, 2 t / T)``, ``t`` the optimizer steps done, ``T`` the total).
 
@@ -78,12 +78,12 @@ def _mix(log_a: Tensor, log_b: Tensor, weight_a: Tensor) -> Tensor:
 
 
 def skew_kl_positions(log_q: Tensor, log_p: Tensor, alpha: Tensor) -> Tensor:
-    """``Σ_v p (log p − log(α p + (1 − α) q))`` per position [B, T] (teacher-response rows)."""
+    """``Σ_v p (log p − log(α p + (1 − α) q))`` per position ([..., V] → [...]; teacher-response rows)."""
     return (log_p.exp() * (log_p - _mix(log_p, log_q, alpha))).sum(-1)
 
 
 def skew_rkl_detached_positions(log_q: Tensor, log_p: Tensor, alpha: Tensor) -> Tensor:
-    """``Σ_v q (log q − log((1 − α) p + α sg(q)))`` per position [B, T] (student-response rows)."""
+    """``Σ_v q (log q − log((1 − α) p + α sg(q)))`` per position ([..., V] → [...]; student-response rows)."""
     return (log_q.exp() * (log_q - _mix(log_p, log_q.detach(), 1 - alpha))).sum(-1)
 
 
@@ -103,30 +103,46 @@ def distillm2(student_logits: Tensor, teacher_logits: Tensor, batch: dict | None
         raise ValueError("objective 'distillm2' needs batch['pair_role'] (0 = teacher response, 1 = student "
                          "response): use it with the training mode 'distillm2'")
     role = torch.as_tensor(batch["pair_role"], device=student_logits.device)
-    log_q = log_probs(student_logits, temperature)
+    B = student_logits.shape[0]
+    # only counted positions enter (prompt and padding never do): rows b, positions t of the selection
+    b, t = torch.nonzero(mask > 0, as_tuple=True)
+    log_q = log_probs(student_logits[b, t], temperature)                      # [n, V]
     with torch.no_grad():
-        log_p = log_probs(teacher_logits.detach(), temperature)
+        log_p = log_probs(teacher_logits[b, t].detach(), temperature)
     dtype = log_q.dtype
+    count = torch.zeros(B, dtype=dtype, device=log_q.device).index_add_(0, b, torch.ones_like(b, dtype=dtype))
+
+    def row_mean(x: Tensor) -> Tensor:  # per-row token mean [B] of per-position values [n]
+        return torch.zeros(B, dtype=x.dtype, device=x.device).index_add(0, b, x) / count.clamp_min(1.0)
+
     a1 = a2 = torch.tensor(alpha, dtype=dtype, device=log_q.device)
     anchor = batch.get("alpha_anchor")
     if anchor is not None:
         anchor = [float(x) for x in torch.as_tensor(anchor).flatten().tolist()]
         if all(math.isfinite(x) for x in anchor):
-            gap = sentence_probs(log_p, labels, mask) - sentence_probs(log_q, labels, mask)  # s_p − s_q
-            a1 = adaptive_alpha(gap, anchor[0], alpha, alpha_min)[:, None, None]
-            a2 = adaptive_alpha(-gap, anchor[1], alpha, alpha_min)[:, None, None]
-    m = (mask > 0).to(dtype)
-    per_row_kl = (skew_kl_positions(log_q, log_p, a1) * m).sum(-1) / m.sum(-1).clamp_min(1.0)
-    per_row_rkl = (skew_rkl_detached_positions(log_q, log_p, a2) * m).sum(-1) / m.sum(-1).clamp_min(1.0)
-    teacher_rows, student_rows = role == 0, role == 1
+            y = labels[b, t].clamp_min(0).unsqueeze(-1)
+            # s_p − s_q per row: geometric-mean token probabilities of the response (gradient flows through s_q)
+            gap = row_mean(log_p.gather(-1, y).squeeze(-1)).exp() - row_mean(log_q.gather(-1, y).squeeze(-1)).exp()
+            a1 = adaptive_alpha(gap, anchor[0], alpha, alpha_min)[b].unsqueeze(-1)
+            a2 = adaptive_alpha(-gap, anchor[1], alpha, alpha_min)[b].unsqueeze(-1)
     zero = log_q.new_zeros(())
-    kl = per_row_kl[teacher_rows].mean() if teacher_rows.any() else zero
-    rkl = per_row_rkl[student_rows].mean() if student_rows.any() else zero
+    terms = []
+    for kind, a, positions in ((0, a1, skew_kl_positions), (1, a2, skew_rkl_detached_positions)):
+        keep = role[b] == kind          # each divergence only on its own rows (the released code computes both)
+        rows = (role == kind) & (count > 0)
+        if not bool(rows.any()):
+            terms.append(zero)
+            continue
+        a = a[keep] if a.dim() else a
+        per_pos = torch.zeros(b.shape[0], dtype=dtype, device=log_q.device)
+        per_pos = per_pos.masked_scatter(keep, positions(log_q[keep], log_p[keep], a))
+        terms.append(row_mean(per_pos)[rows].mean())
+    kl, rkl = terms
     progress = float(torch.as_tensor(batch.get("progress", 0.0)))
     beta = beta_schedule(progress, beta_start, beta_end, ramp_fraction)
     value = (2 - beta) * kl + beta * rkl
     if normalizer is not None:
-        value = value * (float(m.sum()) / normalizer)
+        value = value * (float(b.shape[0]) / normalizer)
     return value
 
 
