@@ -296,3 +296,20 @@ def test_modes_train_end_to_end_and_record_generation(tiny):
         again = build(mode, {}, ctx(tiny, student=student, teacher=teacher, steps=4))
         again.load_state_dict(src.state_dict())
         assert again.stats == src.stats
+
+
+def test_distillm2_padded_vocabulary_rows_contribute_nothing():
+    from harness.models import align_vocab
+
+    s, t, labels, mask, role = fixed_inputs(seed=7, V=7)
+    teacher = np.concatenate([t, np.random.default_rng(1).normal(size=t.shape[:-1] + (3,))], -1)  # 3 extra rows
+    z_s, z_t = align_vocab(torch.tensor(s), torch.tensor(teacher), n_tokens=7)
+    z_s = z_s.clone().requires_grad_()
+    for anchor in (None, (-0.021, 0.22)):
+        batch = torch_batch(labels, mask, role, 0.6, anchor)
+        padded = distillm2(z_s, z_t, batch)
+        plain = distillm2(torch.tensor(s), torch.tensor(t), batch)
+        assert torch.isfinite(padded) and float(padded) == pytest.approx(float(plain), rel=1e-10)
+        z_s.grad = None
+        padded.backward()
+        assert torch.isfinite(z_s.grad).all() and torch.all(z_s.grad[..., 7:] == 0)
