@@ -308,7 +308,7 @@ def train(
                              "columns are masked as -inf on both sides", name, s_logits.shape[-1],
                              t_logits.shape[-1], abs(s_logits.shape[-1] - t_logits.shape[-1]))
                 value, parts = loss(s_al, t_al, mask, labels=batch["labels"], normalizer=norm, chunk_size=chunk,
-                                    kernel=cfg.kernel)
+                                    kernel=cfg.kernel, batch=batch)
             if not torch.isfinite(value):
                 raise TrainingDiverged(
                     f"{name}: non-finite loss ({float(value.detach())}) at optimizer step {step + 1} "

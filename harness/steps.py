@@ -259,13 +259,17 @@ def distill(suite: Suite, recipe: Recipe, seed: int, progress: bool = True) -> P
         disable_dropout(student)
     cfg = TrainConfig(**{**suite.training.__dict__, "device": device})
     loss = recipe.build_loss()
-    teacher_fn = None
+    teacher_fn = teacher_model = None
+    if getattr(modes.get(recipe.mode, recipe.base_dir), "generates_with_teacher", False):  # samples the teacher
+        check_same_tokenizer(teacher_tokenizer(suite), tok)
+        teacher_model = load_model(teacher_source(suite), device=device)
     if loss.needs_teacher:
         check_same_tokenizer(teacher_tokenizer(suite), tok)
         cached = cache_settings(suite) is not None and suite.cache_path.exists()
         # A cached off-policy run never needs the teacher's weights; other modes score student samples live.
-        live = None if cached and not recipe.samples_student else live_teacher(
-            load_model(teacher_source(suite), device=device))
+        if teacher_model is None and not (cached and not recipe.samples_student):
+            teacher_model = load_model(teacher_source(suite), device=device)
+        live = None if teacher_model is None else live_teacher(teacher_model)
         if cached:
             from .teacher_cache import TeacherCache, cached_or_live
 
@@ -283,7 +287,7 @@ def distill(suite: Suite, recipe: Recipe, seed: int, progress: bool = True) -> P
         reference=reference_batches(suite, examples, tok.pad_token_id, seed), student=student, tokenizer=tok,
         pad_id=tok.pad_token_id, seed=seed, max_steps=cfg.max_steps, grad_accum=cfg.gradient_accumulation_steps,
         world_size=int(os.environ.get("WORLD_SIZE", "1")), batch_size=cfg.per_device_train_batch_size,
-        n_train=len(examples), max_length=cfg.max_length, max_new_tokens=cfg.max_new_tokens,
+        n_train=len(examples), max_length=cfg.max_length, max_new_tokens=cfg.max_new_tokens, teacher=teacher_model,
         val_loss=modes.validation_loss(student, tok, valid_items, pad_id=tok.pad_token_id,
                                        max_prompt_tokens=cfg.max_prompt_tokens, max_length=cfg.max_length,
                                        batch_size=cfg.per_device_train_batch_size) if valid_items else None,

@@ -234,7 +234,7 @@ BAD_RECIPES = {
     "no_such_function": ("objective: json:no_such_fn\n", ["key 'objective'", "has no function 'no_such_fn'"]),
     "unknown_param": ("objective: skl\nparams: {alhpa: 0.2}\n", ["key 'params'", "alhpa", "accepted: alpha"]),
     "unknown_mode": ("objective: fkl\nmode: online\n", ["'mode'", "'online'",
-                                                        "registered modes: adaptive_off_policy, off_policy, on_policy"]),
+                                                        "registered modes: adaptive_off_policy, distillm2, off_policy, on_policy, seq_kd"]),
     "unknown_mode_param": ("objective: fkl\nmode: on_policy\nmode_params: {lambda: 0.5}\n",
                            ["'mode_params.lambda'", "lmbda"]),
     "not_yaml": ("objective: [fkl\n", ["not valid YAML at line 1, column 12", "flow sequence"]),
@@ -372,7 +372,7 @@ def test_distill_refuses_different_tokenizers(base, tmp_path, capsys):
 
 
 # ============================================================ 4. same tokenizer, padded vocabulary rows
-@pytest.mark.parametrize("name", [n for n in objectives.available() if n != "ce"])
+@pytest.mark.parametrize("name", [n for n in objectives.available() if objectives.spec(n).kind not in ("labels", "sequence")])
 def test_align_vocab_masks_padded_rows(name):
     g = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(2, 5, 10, generator=g), torch.randn(2, 5, 12, generator=g)  # 10 vs 12 rows

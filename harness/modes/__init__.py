@@ -8,6 +8,9 @@ Each mode is one :class:`BatchSource` subclass that declares its parameters (``p
 ``on_policy``              GKD's student data fraction λ (TRL ``GKDTrainer``); optional replay buffer as in
                            DistiLLM's GKD/ImitKD baselines (:mod:`.on_policy`)
 ``adaptive_off_policy``    DistiLLM's adaptive schedule with its replay buffer (:mod:`.adaptive`)
+``seq_kd``                 teacher samples, or student samples for a fraction λ (TRL ``GKDTrainer`` with
+                           ``seq_kd=True``) (:mod:`.seq_kd`)
+``distillm2``              a teacher and a student sample per prompt, for DistiLLM-2's loss (:mod:`.distillm2`)
 =========================  ===================================================================================
 
 The harness uses :func:`check_params` (recipe validation), :func:`needs_student_samples` /
@@ -22,12 +25,14 @@ from .sampling import ReplayBuffer, SamplingSource, sample_rows
 from .off_policy import OffPolicy
 from .on_policy import OnPolicy
 from .adaptive import AdaptiveOffPolicy, AdaptiveThreshold, choose_source, sgo_threshold
+from .seq_kd import SeqKD, TeacherSampling
+from .distillm2 import DistiLLM2Pairs
 from .validation import validation_loss
 from .compat import batch_source
 
 __all__ = [
-    "SOURCES", "AdaptiveOffPolicy", "AdaptiveThreshold", "BatchSource", "ModeContext", "OffPolicy", "OnPolicy",
-    "ReplayBuffer", "SamplingSource", "available", "batch_source", "build", "card", "check_params", "choose_source",
+    "SOURCES", "AdaptiveOffPolicy", "DistiLLM2Pairs", "AdaptiveThreshold", "BatchSource", "ModeContext", "OffPolicy", "OnPolicy",
+    "ReplayBuffer", "SamplingSource", "SeqKD", "TeacherSampling", "available", "batch_source", "build", "card", "check_params", "choose_source",
     "get", "needs_student_samples", "needs_val_loss", "params", "register_mode", "sample_rows", "sgo_threshold",
     "validation_loss",
 ]

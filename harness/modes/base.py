@@ -57,6 +57,9 @@ class ModeContext:
         Longest row (prompt + response) in tokens.
     max_new_tokens
         The SUITE's sampling budget for student samples (``None``: up to ``max_length``). Recipes do not set it.
+    teacher
+        The teacher model, for the modes that sample from it (``generates_with_teacher``: ``seq_kd``,
+        ``distillm2``); ``None`` otherwise. It is only sampled from (eval mode, no gradient), never trained.
     val_loss
         ``val_loss() -> float``: the student's loss on the validation set (see
         :func:`harness.modes.validation_loss`), for the modes whose :attr:`BatchSource.needs_val_loss` is true.
@@ -77,6 +80,7 @@ class ModeContext:
     max_length: int = 512
     max_new_tokens: int | None = None
     val_loss: Callable[[], float] | None = None
+    teacher: Any = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -120,6 +124,9 @@ class BatchSource:
         reference data is not enough).
     ``needs_val_loss``
         True when the source calls ``ctx.val_loss``.
+    ``generates_with_teacher``
+        True when the source samples responses from the teacher (``ctx.teacher``): the harness must load the
+        teacher's weights and pass the model, whatever the loss.
 
     An instance is called once per micro-batch index, in order (as ``train`` does), and keeps ``counts`` (batches
     per source), ``timings`` (seconds; ``generation_s`` at least) and :attr:`stats`; ``state_dict`` /
@@ -130,6 +137,7 @@ class BatchSource:
     params: ClassVar[dict[str, Field]] = {}
     samples_student: ClassVar[bool] = False
     needs_val_loss: ClassVar[bool] = False
+    generates_with_teacher: ClassVar[bool] = False
 
     def __init__(self, ctx: ModeContext, **params: Any):
         unknown = set(params) - set(type(self).params)

@@ -386,3 +386,4 @@ def get(name: str, **params) -> Objective:
 
 
 __all__ = ["Objective", "ObjectiveError", "ObjectiveSpec", "available", "describe", "get", "register", "spec"]
+from . import sequence as _sequence  # noqa: E402,F401  (registers the sequence-level objectives)

@@ -10,6 +10,9 @@ Shapes and conventions (per micro-batch)
 ----------------------------------------
 - ``student_logits``, ``teacher_logits``: ``[B, T, V]`` (the teacher's may be ``None`` when no term needs
   it); ``mask``: ``[B, T]`` response positions; ``labels``: ``[B, T]`` long, ``-100`` where ignored.
+- ``batch``: the micro-batch dict (``harness.distill.train`` passes it); only sequence-level terms (kind
+  ``"sequence"``, :mod:`harness.objectives.sequence`) read it, as
+  ``fn(student_logits, teacher_logits, batch, normalizer=, temperature=, **params)``.
 - ``normalizer``: the step's global count of counted tokens (over all micro-batches and processes), so that
   the gradient of a step under accumulation equals that of one large batch. Per-position terms are divided
   by it; a batch-wise term (Sinkhorn: one value per micro-batch) is weighted by this micro-batch's share of
@@ -75,11 +78,18 @@ class WeightedLoss:
 
     def __call__(self, student_logits: Tensor, teacher_logits: Tensor | None, mask: Tensor, *, labels: Tensor,
                  normalizer: float, chunk_size: int | None = None,
-                 kernel: str = "auto") -> tuple[Tensor, dict[str, float]]:
+                 kernel: str = "auto", batch: dict | None = None) -> tuple[Tensor, dict[str, float]]:
         total = None
         parts: dict[str, float] = {}
         for t in self.terms:
-            if t.objective.spec.kind == "labels":
+            if t.objective.spec.kind == "sequence":
+                # sequence-level terms (harness.objectives.sequence) read the micro-batch: labels, per-row tags
+                # and values a training mode attached; they return the micro-batch's share of the step's loss
+                if batch is None:
+                    raise ValueError(f"objective {t.objective.name!r} is sequence-level and needs batch=")
+                value = t.objective.spec.fn(student_logits, teacher_logits, {**batch, "loss_mask": mask},
+                                            normalizer=normalizer, temperature=t.temperature, **t.objective.params)
+            elif t.objective.spec.kind == "labels":
                 value = t.objective(student_logits, None, mask, labels=labels, normalizer=normalizer,
                                     chunk_size=chunk_size, kernel=kernel)
             elif t.objective.spec.kind == "batch":
