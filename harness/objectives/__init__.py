@@ -382,3 +382,4 @@ def get(name: str, **params) -> Objective:
 
 
 __all__ = ["Objective", "ObjectiveError", "ObjectiveSpec", "available", "describe", "get", "register", "spec"]
+from . import uld as _uld  # noqa: E402,F401  (registers "uld": Universal Logit Distillation)
