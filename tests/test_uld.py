@@ -114,3 +114,39 @@ def test_caches_that_lose_the_row_shape_are_refused_for_uld():
 
     assert supported("exact", "uld")[0]
     assert not supported("sparse", "uld")[0] and not supported("sampled", "uld")[0]
+
+
+# alignment through the text (GOLD's extended ULD, "observed" merge) -----------------------------------------
+def test_alignment_groups_tokens_at_shared_boundaries():
+    from harness.objectives.uld import align_by_offsets
+
+    # text "unhappiness!": student "un|happi|ness|!" ends (2, 7, 11, 12); teacher "unhap|pi|ness!" (5, 7, 12)
+    s, t = align_by_offsets([2, 7, 11, 12], [5, 7, 12])
+    assert s == [[0, 1], [2, 3]] and t == [[0, 1], [2]]
+    assert align_by_offsets([1, 2, 3], [1, 2, 3]) == ([[0], [1], [2]], [[0], [1], [2]])  # same tokenizer: 1:1
+    # texts of different lengths (e.g. a truncated side): the rest forms one final group
+    assert align_by_offsets([3, 6, 9], [3, 5]) == ([[0], [1, 2]], [[0], [1]])
+    assert align_by_offsets([], [2]) == ([[]], [[0]])
+
+
+def test_text_aligned_uld_against_numpy():
+    """Merged rows: p[g0] · Π p[g_m, token_m]; ℓ of each group pair; Σ / #groups; empty-sided groups dropped."""
+    from harness.objectives.uld import uld_text_aligned
+
+    rng = np.random.default_rng(11)
+    zs, zt = rng.standard_normal((4, 9)), 2 * rng.standard_normal((4, 13))
+    s_ids, t_ids = [3, 1, 4, 1], [5, 9, 2, 6]
+    s_ends, t_ends = [2, 7, 11, 12], [5, 7, 9, 14]  # groups: s [0,1]|[2,3], t [0,1]|[2,3]
+    q, p = _softmax(zs), _softmax(zt)
+    q_rows = np.stack([q[0] * q[1, s_ids[1]], q[2] * q[3, s_ids[3]]])
+    p_rows = np.stack([p[0] * p[1, t_ids[1]], p[2] * p[3, t_ids[3]]])
+    expected = _np_uld(q_rows, p_rows).sum() / 2
+    s = torch.from_numpy(zs).requires_grad_(True)
+    got = uld_text_aligned(s, torch.from_numpy(zt), s_ends, t_ends, s_ids, t_ids)
+    assert got.item() == pytest.approx(expected, rel=1e-12)
+    got.backward()
+    assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+    # same tokenizer and offsets: equals the per-position loss averaged over positions
+    same = uld_text_aligned(torch.from_numpy(zs), torch.from_numpy(zt[:, :9]), [1, 2, 3, 4], [1, 2, 3, 4],
+                            s_ids, s_ids)
+    assert same.item() == pytest.approx(_np_uld(q, _softmax(zt[:, :9])).mean(), rel=1e-12)

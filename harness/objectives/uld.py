@@ -23,8 +23,13 @@ Two entry points:
   it accepts different widths.
 - :func:`uld_sequences`, GOLD's positional alignment for a student and a teacher with different
   tokenizers: each sequence's response positions are taken in order on both sides and truncated to the
-  shorter one (the original ULD paper's alignment; GOLD's ``use_extended_uld=False``). Aligning through the
-  response text (GOLD's byte-offset groups) is the data path's job, not this module's.
+  shorter one (the original ULD paper's alignment; GOLD's ``use_extended_uld=False``).
+- :func:`align_by_offsets`, :func:`merge_groups` and :func:`uld_text_aligned`: alignment through the
+  response text (GOLD's ``use_extended_uld=True`` with ``uld_token_merge_strategy="observed"``): tokens of
+  the two tokenizers are grouped at the text boundaries both share, and a group of several tokens is
+  represented by its first position's distribution times the probabilities of the group's later tokens.
+  Producing the offsets (one end offset per response token, in a coordinate both sides share: bytes of
+  the response text) is the data path's job.
 
 Only the teacher's row statistics matter (its sorted probabilities), so the sparse (top-k + flat tail) and
 sampled teacher caches are refused for it (see :func:`harness.teacher_cache.supported`).
@@ -85,6 +90,91 @@ def uld_sequences(
     if not losses:
         return student_logits.sum() * 0.0
     return torch.stack(losses).mean()
+
+
+def align_by_offsets(s_ends: list[int], t_ends: list[int]) -> tuple[list[list[int]], list[list[int]]]:
+    """Group two tokenisations of the same text at the boundaries they share.
+
+    ``s_ends[i]`` / ``t_ends[j]`` are the end offsets (increasing) of the student's / teacher's response
+    tokens in the response text. Walking both lists, the side whose current token ends first advances; when
+    both current tokens end at the same offset, a group closes on each side. Tokens left after the last
+    shared boundary (texts of different lengths) form one final group per side. Returns the groups of
+    indices, one list per group, the same number on both sides.
+    """
+    s_groups: list[list[int]] = []
+    t_groups: list[list[int]] = []
+    s_cur: list[int] = []
+    t_cur: list[int] = []
+    i = j = 0
+    while i < len(s_ends) and j < len(t_ends):
+        if s_ends[i] < t_ends[j]:
+            s_cur.append(i)
+            i += 1
+        elif s_ends[i] > t_ends[j]:
+            t_cur.append(j)
+            j += 1
+        else:  # a boundary both tokenisations share: close a group on each side
+            s_groups.append(s_cur + [i])
+            t_groups.append(t_cur + [j])
+            s_cur, t_cur = [], []
+            i += 1
+            j += 1
+    s_cur += list(range(i, len(s_ends)))
+    t_cur += list(range(j, len(t_ends)))
+    if s_cur or t_cur:
+        s_groups.append(s_cur)
+        t_groups.append(t_cur)
+    return s_groups, t_groups
+
+
+def merge_groups(log_x: Tensor, groups: list[list[int]], token_ids: list[int]) -> Tensor:
+    """``[n_groups, V]`` log of each group's merged (unnormalised) distribution, GOLD's "observed" strategy.
+
+    A group ``[g_0, g_1, ..]`` of positions is represented by the distribution at its first position times
+    the probabilities of the tokens actually at its later positions: log x[g_0] + Σ_{m ≥ 1} log x[g_m,
+    token_ids[g_m]] (the probability of the group's whole text, spread as the first token's alternatives).
+    An empty group gives an all-zero row (log = -inf; :func:`uld` then compares it with zeros). GOLD clamps
+    each later probability at 1e-8 before multiplying; in the log domain no clamp is needed (a deviation only
+    for probabilities below 1e-8).
+    """
+    rows = []
+    for g in groups:
+        if not g:
+            rows.append(torch.full_like(log_x[0], float("-inf")))
+            continue
+        later = sum((log_x[m, token_ids[m]] for m in g[1:]), log_x.new_zeros(()))
+        rows.append(log_x[g[0]] + later)
+    return torch.stack(rows) if rows else log_x[:0]
+
+
+def uld_text_aligned(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    student_ends: list[int],
+    teacher_ends: list[int],
+    student_ids: list[int],
+    teacher_ids: list[int],
+    *,
+    temperature: float = 1.0,
+) -> Tensor:
+    """ULD of one sequence aligned through its text: Σ over shared-boundary groups of ℓ / number of groups.
+
+    ``student_logits`` [n_s, V_s] and ``teacher_logits`` [n_t, V_t] are the rows that predict the n_s / n_t
+    response tokens ``student_ids`` / ``teacher_ids``, whose end offsets in the response text are
+    ``student_ends`` / ``teacher_ends``. Groups with an empty side are dropped (as GOLD does). The teacher is
+    detached. Returns a 0-dim tensor (0 with a zero gradient when no group is left).
+    """
+    s_groups, t_groups = align_by_offsets(student_ends, teacher_ends)
+    pairs = [(sg, tg) for sg, tg in zip(s_groups, t_groups) if sg and tg]
+    if not pairs:
+        return student_logits.sum() * 0.0
+    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    log_q = torch.log_softmax(student_logits.to(dtype) / temperature, -1)
+    with torch.no_grad():
+        log_p = torch.log_softmax(teacher_logits.to(dtype) / temperature, -1)
+    q = merge_groups(log_q, [sg for sg, _ in pairs], student_ids)
+    p = merge_groups(log_p, [tg for _, tg in pairs], teacher_ids)
+    return uld(q, p).sum() / len(pairs)
 
 
 def _register() -> None:
