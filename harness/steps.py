@@ -232,7 +232,8 @@ def build_teacher_cache(suite: Suite, progress: bool = True) -> Path:
     teacher = load_model(teacher_source(suite), device=device)
     t0 = time.perf_counter()
     cache = build_cache(teacher, encoded_train(suite), tok.pad_token_id, mode=settings["mode"],
-                        top_k=settings["top_k"], dtype=settings["dtype"], batch_size=settings["batch_size"],
+                        top_k=settings["top_k"], samples=settings["samples"], temperature=settings["temperature"],
+                        seed=settings["seed"], dtype=settings["dtype"], batch_size=settings["batch_size"],
                         device=device, progress=progress,
                         meta={"settings": settings, "teacher": teacher_source(suite)})
     cache.meta["build_s"] = round(time.perf_counter() - t0, 3)

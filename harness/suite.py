@@ -121,7 +121,7 @@ SUITE_SCHEMA = {
                           help="per_run: one job per (recipe, seed), parallel on GPUs/clusters; per_recipe: one job "
                                "trains every seed of a recipe (start-up paid once: small models on a CPU)"),
     "threads_per_job": Field((int,), 1, ge=1, help="torch CPU threads per job"),
-    "teacher_cache": Field((dict, type(None)), None, help="{mode: exact | sparse, top_k, dtype, batch_size}"),
+    "teacher_cache": Field((dict, type(None)), None, help="{mode: exact | sparse | sampled, top_k, samples, temperature, seed, dtype, batch_size}"),
     "origin": Field((str,), None, help="(written by the Snakefile) the suite file this resolved copy came from"),
     "data": Field((dict,), required=True, help="training data (see data:)"),
     "tokenizer": Field((dict,), None, help="trained here, or a saved one (see tokenizer:)"),

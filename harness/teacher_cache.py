@@ -15,7 +15,14 @@ Storage modes (per counted position):
   gradients on the top-k are exact but the student is pulled toward a flat tail; pure top-k truncation
   (renormalising the head, no tail) is worse, it over-weights the head and makes KL(p‖q) blind to the
   tail entirely. The unbiased alternative, importance-sampled tokens (Anshumann et al., "Sparse Logit
-  Sampling", ACL 2025), is not implemented yet: see the README ("Teacher cache").
+  Sampling", ACL 2025), is mode ``sampled``.
+- ``sampled`` (Random-Sampling KD, Anshumann et al., "Sparse Logit Sampling: Accelerating Knowledge
+  Distillation in LLMs", ACL 2025, arXiv 2503.16870): ``k`` token ids drawn with replacement from the
+  teacher at temperature τ_c (``teacher_cache.temperature``), ``k × 4`` bytes. The target rebuilt from them
+  is the empirical distribution of the draws, an unbiased estimate of p; see :func:`sampled_target`
+  for the estimator and the proof.
+
+Which objectives each mode serves, and why, is :func:`supported` (checked by :mod:`harness.validate`).
 
 Positions are indexed by training example: ``offsets[i] : offsets[i] + counts[i]`` are example i's rows,
 in the order of its response positions, so any batch of reference examples can be served.
@@ -39,12 +46,21 @@ from .schema import Field
 log = logging.getLogger(__name__)
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-MODES = ("exact", "sparse")
+MODES = ("exact", "sparse", "sampled")
 
 #: the suite's ``teacher_cache:`` section
 CACHE_SCHEMA = {
-    "mode": Field((str,), "exact", choices=MODES, help="exact: full rows; sparse: top-k + a flat tail (biased)"),
+    "mode": Field((str,), "exact", choices=MODES,
+                  help="exact: full rows; sparse: top-k + a flat tail (biased); sampled: k teacher samples "
+                       "(unbiased for fkl only)"),
     "top_k": Field((int,), 64, ge=1, help="sparse: tokens kept per position"),
+    "samples": Field((int,), 64, ge=1, le=65535,
+                     help="sampled: tokens drawn (with replacement) from the teacher per position; the gradient "
+                          "noise per position is (1 - sum p^2) / samples"),
+    "temperature": Field((float,), 1.0, gt=0, le=100,
+                         help="sampled: the teacher temperature the samples are drawn at; unbiased only for "
+                              "loss terms with this same temperature (validation refuses others)"),
+    "seed": Field((int,), 0, ge=0, help="sampled: seed of the draws (each position has its own stream)"),
     "dtype": Field((str,), "float16", choices=tuple(DTYPES), help="storage dtype of the log-probabilities"),
     "batch_size": Field((int,), 64, ge=1, help="sequences per teacher forward while building the cache"),
 }
@@ -52,7 +68,7 @@ CACHE_SCHEMA = {
 
 @dataclass
 class TeacherCache:
-    mode: str  # "exact" | "sparse"
+    mode: str  # "exact" | "sparse" | "sampled"
     vocab_size: int
     offsets: Tensor  # [n_examples] long
     counts: Tensor  # [n_examples] long
@@ -61,22 +77,30 @@ class TeacherCache:
     top_idx: Tensor | None = None  # sparse: [P, k] int32
     rest_logp: Tensor | None = None  # sparse: [P] float32, log of the mass outside the top-k
     meta: dict | None = None
+    samples: Tensor | None = None  # sampled: [P, k] int32 token ids drawn from softmax(log p / temperature)
+    temperature: float = 1.0  # sampled: the temperature the samples were drawn at
 
     @property
     def n_positions(self) -> int:
         return int(self.counts.sum())
 
     def bytes_per_position(self) -> float:
-        tensors = [self.logp, self.top_logp, self.top_idx, self.rest_logp]
+        tensors = [self.logp, self.top_logp, self.top_idx, self.rest_logp, self.samples]
         total = sum(t.numel() * t.element_size() for t in tensors if t is not None)
         return total / max(self.n_positions, 1)
 
     def rows(self, example_ids: Tensor) -> Tensor:
-        """Dense teacher log-probabilities [Σ counts, V] (float32) of the given examples, concatenated."""
+        """Dense teacher log-probabilities [Σ counts, V] (float32) of the given examples, concatenated.
+
+        ``sampled``: ``τ_c · log p̂`` (``-inf`` for tokens never drawn), so that the objectives' own
+        ``log_softmax(rows / τ)`` at τ = τ_c gives ``log p̂``, the empirical distribution of the draws.
+        """
         idx = torch.cat([torch.arange(int(self.offsets[e]), int(self.offsets[e] + self.counts[e]))
                          for e in example_ids.tolist()]) if len(example_ids) else torch.zeros(0, dtype=torch.long)
         if self.mode == "exact":
             return self.logp[idx].float()
+        if self.mode == "sampled":
+            return self.temperature * sampled_target(self.samples[idx], self.vocab_size).log()
         k = self.top_logp.shape[1]
         rest = self.rest_logp[idx] - math.log(max(self.vocab_size - k, 1))
         dense = rest[:, None].expand(len(idx), self.vocab_size).clone()
@@ -109,6 +133,118 @@ class TeacherCache:
         return cls(**torch.load(path, weights_only=False))
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x):
+    """SplitMix64's finaliser on uint64 numpy arrays (wrapping arithmetic): a counter-based hash."""
+    import numpy as np
+
+    with np.errstate(over="ignore"):
+        x = (x + np.uint64(0x9E3779B97F4A7C15)) & np.uint64(_MASK64)
+        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & np.uint64(_MASK64)
+        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & np.uint64(_MASK64)
+        return x ^ (x >> np.uint64(31))
+
+
+def position_uniforms(seed: int, example: Tensor, position: Tensor, k: int) -> Tensor:
+    """``[n, k]`` float64 uniforms on [0, 1), a function of (seed, example index, response position, draw) only.
+
+    Each position has its own stream, so the draws do not depend on batch size, order or device.
+    """
+    import numpy as np
+
+    ex = example.cpu().numpy().astype(np.uint64)
+    pos = position.cpu().numpy().astype(np.uint64)
+    key = _splitmix64(_splitmix64(_splitmix64(np.full_like(ex, seed, dtype=np.uint64)) ^ ex) ^ pos)
+    j = np.arange(k, dtype=np.uint64)
+    bits = _splitmix64(key[:, None] ^ _splitmix64(j)[None, :])
+    return torch.from_numpy((bits >> np.uint64(11)).astype(np.float64) * 2.0**-53)
+
+
+def draw_samples(logp: Tensor, uniforms: Tensor, temperature: float = 1.0) -> Tensor:
+    """Token ids ``[n, k]`` (int32, sorted per row) drawn from ``softmax(logp / temperature)`` by inverse CDF.
+
+    ``logp`` [n, V] are log-probabilities (τ = 1); ``uniforms`` [n, k] on [0, 1). Tokens of probability 0
+    (``-inf``) are never drawn.
+    """
+    r = torch.softmax(logp.double() / temperature, dim=-1)
+    cdf = r.cumsum(-1)
+    u = uniforms.to(cdf.device) * cdf[:, -1:]
+    ids = torch.searchsorted(cdf, u.contiguous(), right=True).clamp_(max=logp.shape[-1] - 1)
+    return ids.sort(-1).values.to(torch.int32)
+
+
+def sampled_target(samples: Tensor, vocab_size: int) -> Tensor:
+    """The empirical distribution p̂ [n, V] (float32) of ``samples`` [n, k]: p̂_v = c_v / k.
+
+    Estimator (RS-KD with the proposal equal to the target; Anshumann et al. 2025, arXiv 2503.16870):
+    the k ids x_1..x_k of a position are i.i.d. draws from r = softmax(z_t / τ_c) and the cached target is
+    p̂_v = c_v / k with c_v = #{j : x_j = v}. Every importance weight p_v / r_v is 1 because the objective
+    is evaluated at τ = τ_c, where its teacher p_τ is r itself.
+
+    Unbiasedness. c_v ~ Binomial(k, r_v), so E[p̂_v] = r_v = p_τ,v. The forward-KL loss on the target is
+    ℓ = Σ_v p̂_v (log p̂_v − log q_v) with q = softmax(z_s / τ); since Σ_v p̂_v = 1 its gradient is
+    ∂ℓ/∂z_s = (q − p̂) / τ, linear in p̂, so E[∂ℓ/∂z_s] = (q − p_τ) / τ, the exact forward-KL gradient.
+    The same holds after any reduction (a fixed weighted sum over positions) and, by the chain rule, for
+    the student's parameters (z_s does not depend on the draws). The value is not unbiased: its
+    cross-entropy part E[−Σ p̂ log q] = −Σ p_τ log q is, but the entropy term −H(p̂) is not
+    (E[H(p̂)] ≤ H(p_τ), by concavity). Variance: Var[p̂_v] = r_v (1 − r_v) / k, so the expected squared error
+    of the per-position gradient is (1 − Σ_v r_v²) / (k τ²): small when the teacher is peaked.
+
+    Only objectives whose gradient is linear in p are served unbiasedly this way (see :func:`supported`).
+    """
+    n, k = samples.shape
+    counts = torch.zeros(n, vocab_size, dtype=torch.float32, device=samples.device)
+    counts.scatter_add_(1, samples.long(), torch.ones(n, k, dtype=torch.float32, device=samples.device))
+    return counts / k
+
+
+# Which objectives each mode serves ---------------------------------------------------------------------------
+#: objectives a sampled cache serves without bias: forward KL's gradient (q − p)/τ is linear in p.
+#: ce needs no teacher. Everything else depends non-linearly on p (rkl and srkl: log p, infinite where a
+#: token was not drawn; jsd, skl: log of a mixture; tvd: |p − q|; akl, bdkd: whole-row statistics; ab, todi:
+#: powers and ratios of p; sinkhorn: whole-row costs; uld: sorted p), so an empirical p̂ biases it.
+SAMPLED_UNBIASED = frozenset({"fkl"})
+
+
+def supported(mode: str, objective_id: str, temperature: float = 1.0, cache: dict | None = None) -> tuple[bool, str]:
+    """Whether a cache of ``mode`` can serve loss term ``objective_id`` at ``temperature``, and why (not).
+
+    - ``exact``: every objective (the cache equals the live teacher up to storage precision).
+    - ``sparse`` (top-k + flat tail): objectives that are sums of per-token terms (the registry's
+      ``sparse_ok``); they are biased by the flat tail. Whole-row objectives (akl, bdkd, sinkhorn, user
+      objectives) are refused: the tail's shape is gone.
+    - ``sampled``: only :data:`SAMPLED_UNBIASED` (fkl), and only at the cache's temperature τ_c, where the
+      target is an unbiased estimate of p_τ (:func:`sampled_target`); everything else is refused.
+
+    ``cache`` is the suite's validated ``teacher_cache`` section (for ``sampled``: its ``temperature``).
+    Objectives that need no teacher (``ce``) are supported by every mode.
+    """
+    from . import objectives
+
+    if mode not in MODES:
+        return False, f"unknown teacher cache mode {mode!r}; accepted: {', '.join(MODES)}"
+    spec = objectives.spec(objective_id)
+    if not spec.needs_teacher or mode == "exact":
+        return True, ""
+    if mode == "sparse":
+        if spec.sparse_ok:
+            return True, "sum of per-token terms: defined on the rebuilt row (biased by the flat tail)"
+        return False, (f"objective {objective_id!r} is not defined on a sparse (top-k) teacher: it depends on "
+                       "the shape of the whole row, which the cache discards; use mode 'exact'")
+    if objective_id not in SAMPLED_UNBIASED:
+        return False, (f"objective {objective_id!r} is not linear in the teacher's p, so a sampled cache "
+                       f"(RS-KD) would bias it; a sampled cache serves only {', '.join(sorted(SAMPLED_UNBIASED))}"
+                       " (and ce); use mode 'exact'")
+    tau_c = float((cache or {}).get("temperature", 1.0))
+    if abs(float(temperature) - tau_c) > 1e-12:
+        return False, (f"objective {objective_id!r} runs at temperature {temperature:g} but the sampled cache "
+                       f"draws at teacher_cache.temperature = {tau_c:g}; the target is unbiased only at that "
+                       f"temperature: set teacher_cache.temperature to {temperature:g} or use mode 'exact'")
+    return True, "unbiased gradient (empirical distribution of teacher samples)"
+
+
 def build_cache(
     teacher,
     examples: list[dict],
@@ -116,17 +252,24 @@ def build_cache(
     *,
     mode: str = "exact",
     top_k: int = 64,
+    samples: int = 64,
+    temperature: float = 1.0,
+    seed: int = 0,
     dtype: str = "float16",
     batch_size: int = 64,
     device: str = "cpu",
     progress: bool = True,
     meta: dict | None = None,
 ) -> TeacherCache:
-    """Run the teacher once over ``examples`` (encoded training items) and keep its counted rows."""
-    if mode not in ("exact", "sparse"):
-        raise ValueError(f"teacher cache mode {mode!r}; accepted: exact, sparse")
+    """Run the teacher once over ``examples`` (encoded training items) and keep its counted rows.
+
+    ``sampled``: position j of example i (its j-th counted position) draws ``samples`` tokens from
+    ``softmax(log p / temperature)`` with the uniforms :func:`position_uniforms` ``(seed, i, j)``.
+    """
+    if mode not in MODES:
+        raise ValueError(f"teacher cache mode {mode!r}; accepted: {', '.join(MODES)}")
     store = DTYPES[dtype]
-    chunks: dict[str, list[Tensor]] = {"logp": [], "top_logp": [], "top_idx": [], "rest_logp": []}
+    chunks: dict[str, list[Tensor]] = {"logp": [], "top_logp": [], "top_idx": [], "rest_logp": [], "samples": []}
     counts = []
     teacher.eval()
     with torch.no_grad():
@@ -139,6 +282,11 @@ def build_cache(
             logp = torch.log_softmax(logits[mask].float(), dim=-1)
             if mode == "exact":
                 chunks["logp"].append(logp.to(store).cpu())
+            elif mode == "sampled":
+                example = (torch.arange(mask.shape[0], device=mask.device)[:, None] + start).expand_as(mask)[mask]
+                position = (mask.long().cumsum(1) - 1)[mask]
+                u = position_uniforms(seed, example, position, samples)
+                chunks["samples"].append(draw_samples(logp, u, temperature).cpu())
             else:
                 top, idx = logp.topk(min(top_k, logp.shape[-1]), dim=-1)
                 rest = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-7))
@@ -149,7 +297,7 @@ def build_cache(
     offsets = torch.cumsum(counts_t, 0) - counts_t
     cat = {k: (torch.cat(v) if v else None) for k, v in chunks.items()}
     vocab = teacher.get_output_embeddings().weight.shape[0]
-    return TeacherCache(mode, vocab, offsets, counts_t, meta=meta or {}, **cat)
+    return TeacherCache(mode, vocab, offsets, counts_t, meta=meta or {}, temperature=float(temperature), **cat)
 
 
 def cached_or_live(cache: TeacherCache, live: Callable[[dict], Tensor] | None) -> Callable[[dict], Tensor]:

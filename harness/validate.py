@@ -32,17 +32,18 @@ def validate_plan(suite: Suite, recipes_dir: str | None = None, check_data: bool
         raise ConfigError(f"{suite.origin}: key 'baseline': no recipe named {suite.baseline!r}; "
                           f"known: {', '.join(sorted(recipes))}")
     cache = suite.teacher_cache or {}
-    if cache.get("mode") == "sparse":
+    if cache:  # which objectives each cache mode can serve (harness.teacher_cache.supported says why not)
         from .objectives import spec as objective_spec
+        from .teacher_cache import supported
 
         for name, recipe in recipes.items():
-            for objective in recipe.objective_ids():
-                s = objective_spec(objective)
-                if s.needs_teacher and not s.sparse_ok and s.kind != "sequence":  # sequence terms use live samples
-                    raise ConfigError(
-                        f"{suite.origin}: key 'teacher_cache.mode': recipe {name!r} ({recipe.path}) uses objective "
-                        f"{objective!r}, which is not defined on a sparse (top-k) teacher; use mode 'exact' "
-                        "or leave that recipe out")
+            for term in recipe.terms:
+                if not term.weight or objective_spec(term.objective).kind == "sequence":
+                    continue  # sequence-level terms score live samples, never the cache
+                ok, why = supported(cache["mode"], term.objective, term.temperature, cache)
+                if not ok:
+                    raise ConfigError(f"{suite.origin}: key 'teacher_cache.mode': recipe {name!r} ({recipe.path}): "
+                                      f"{why}; use mode 'exact' or leave that recipe out")
     for role in ("teacher", "student"):
         _check_model_source(suite, role)
     n_items = {}

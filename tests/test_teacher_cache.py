@@ -192,3 +192,129 @@ def test_float16_cache_losses_match_the_live_teacher(setup, tau):
             assert torch.equal(gates(live_logp), gates(cached[mask].double()))
         assert abs(from_cache - from_live) <= 6 * sigma + 1e-6 * abs(from_live) + 1e-9, (name, from_live, from_cache,
                                                                                           sigma)
+
+
+# The sampled cache (RS-KD) -----------------------------------------------------------------------------------
+def test_draws_follow_the_inverse_cdf_and_never_pick_a_zero_probability_token():
+    from harness.teacher_cache import draw_samples
+
+    logp = torch.tensor([[0.5, 0.25, 0.0, 0.25]]).log()  # token 2 has probability 0 (-inf)
+    u = torch.tensor([[0.1, 0.6, 0.74, 0.76, 0.99]], dtype=torch.float64)
+    assert draw_samples(logp, u).tolist() == [[0, 1, 1, 3, 3]]
+    # temperature 0.5 squares and renormalises: r = (4, 1, 0, 1) / 6
+    u = torch.tensor([[0.6, 0.7, 0.8, 0.84]], dtype=torch.float64)
+    assert draw_samples(logp, u, temperature=0.5).tolist() == [[0, 1, 1, 3]]
+
+
+class _Scaled(torch.nn.Module):
+    """A teacher whose logits are multiplied by ``scale`` (a peaked teacher from a random one)."""
+
+    def __init__(self, model, scale):
+        super().__init__()
+        self.model, self.scale = model, scale
+
+    def forward(self, **kw):
+        out = self.model(**kw)
+        out.logits = out.logits * self.scale
+        return out
+
+    def get_output_embeddings(self):
+        return self.model.get_output_embeddings()
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_the_sampled_target_gives_an_unbiased_fkl_gradient(setup, tau):
+    """Mean over S seeds of the fkl gradient (reduction 'sum': g_i = (q_i − p̂_i)/τ per position) → exact.
+
+    Each seed's error e_s = (p_τ − p̂_s)/τ has mean 0 if and only if the estimator is unbiased, and
+    E‖e_s‖² = Σ_i (1 − Σ_v p_τ,iv²) / (k τ²) (multinomial variance). For the mean over S independent seeds,
+    E‖ē‖² = that / S, plus ‖bias‖² if there is one. The sum runs over ~1,000 positions × 300 tokens, so
+    ‖ē‖² concentrates (relative spread ≈ 1/sqrt(#positions)): we require it within ±20 % of the unbiased
+    prediction; a sampler biased by drawing at a wrong temperature would exceed it (asserted). The teacher's
+    logits are scaled ×8 to make it peaked like a trained one (the random one is almost uniform).
+    """
+    from harness.teacher_cache import build_cache
+
+    tok, examples, teacher, special = setup
+    teacher = _Scaled(teacher, 8.0)
+    n, k, S = 40, 64, 64
+    exact = build_cache(teacher, examples[:n], tok.pad_token_id, mode="exact", dtype="float32", progress=False)
+    p_rows = exact.rows(torch.arange(n))
+    torch.manual_seed(0)
+    student = torch.randn_like(p_rows)
+    fkl = objectives.get("fkl")
+
+    def grad(teacher_rows):
+        s = student.clone().requires_grad_(True)
+        fkl(s, teacher_rows, reduction="sum", temperature=tau).backward()
+        return s.grad.double()
+
+    g_exact = grad(p_rows)
+    grads = []
+    for seed in range(S):
+        cache = build_cache(teacher, examples[:n], tok.pad_token_id, mode="sampled", samples=k, temperature=tau,
+                            seed=seed, progress=False)
+        grads.append(grad(cache.rows(torch.arange(n))))
+    p_tau = torch.softmax(p_rows.double() / tau, -1)
+    predicted = float((1 - (p_tau**2).sum(-1)).sum()) / (k * tau**2)
+    single = [float(((g - g_exact) ** 2).sum()) for g in grads]
+    assert sum(single) / S == pytest.approx(predicted, rel=0.2)  # each seed: variance as predicted
+    err = float(((torch.stack(grads).mean(0) - g_exact) ** 2).sum())
+    assert err == pytest.approx(predicted / S, rel=0.2)  # the mean: no bias left above the noise
+    # the check has the power to see a small bias: drawing at τ' = 1.1 instead of τ = 1 (or at 1, forgetting
+    # τ = 2), so that E p̂ = p_τ', would add ‖p_τ − p_τ'‖² / τ² to err, more than the 20 % tolerance
+    p_wrong = torch.softmax(p_rows.double() / (1.1 if tau == 1.0 else 1.0), -1)
+    assert float(((p_tau - p_wrong) ** 2).sum()) / tau**2 > 0.5 * predicted / S
+
+
+def test_the_sampled_cache_is_deterministic_and_independent_of_batching(setup, tmp_path):
+    from harness.teacher_cache import build_cache
+
+    tok, examples, teacher, _ = setup
+    kw = dict(mode="sampled", samples=16, seed=7, progress=False)
+    a = build_cache(teacher, examples[:12], tok.pad_token_id, batch_size=12, **kw)
+    b = build_cache(teacher, examples[:12], tok.pad_token_id, batch_size=5, **kw)
+    assert torch.equal(a.samples, b.samples)
+    a.save(tmp_path / "s.pt")
+    c = TeacherCache.load(tmp_path / "s.pt")
+    assert torch.equal(c.rows(torch.arange(12)), a.rows(torch.arange(12)))
+    # example 3's draws do not depend on which examples come before it
+    alone = build_cache(teacher, examples[3:4], tok.pad_token_id, **kw)
+    assert not torch.equal(alone.samples, a.samples[a.offsets[3] : a.offsets[3] + a.counts[3]])  # index 0 ≠ 3
+    other = build_cache(teacher, examples[:12], tok.pad_token_id, mode="sampled", samples=16, seed=8, progress=False)
+    assert not torch.equal(other.samples, a.samples)
+    assert a.samples.dtype == torch.int32 and a.samples.shape == (a.n_positions, 16)
+
+
+def test_sampled_cache_storage_and_target(setup):
+    from harness.teacher_cache import build_cache
+
+    tok, examples, teacher, _ = setup
+    k = 12
+    cache = build_cache(teacher, examples[:10], tok.pad_token_id, mode="sampled", samples=k, temperature=2.0,
+                        progress=False)
+    assert cache.bytes_per_position() == 4 * k  # k int32 ids, nothing else
+    rows = cache.rows(torch.arange(10))
+    target = torch.log_softmax(rows / 2.0, -1).exp()  # what an objective at τ = 2 sees
+    counts = torch.stack([torch.bincount(r.long(), minlength=len(tok)) for r in cache.samples]).float()
+    assert torch.allclose(target, counts / k, atol=1e-6)
+    assert torch.isfinite(objectives.get("fkl")(torch.randn_like(rows), rows, temperature=2.0))
+
+
+@pytest.mark.parametrize("mode,objective,tau,ok,why", [
+    ("exact", "sinkhorn", 2.0, True, ""),
+    ("sparse", "skl", 1.0, True, "biased"),
+    ("sparse", "akl", 1.0, False, "not defined on a sparse"),
+    ("sampled", "fkl", 1.0, True, "unbiased"),
+    ("sampled", "ce", 1.0, True, ""),
+    ("sampled", "fkl", 2.0, False, "teacher_cache.temperature"),
+    ("sampled", "rkl", 1.0, False, "not linear"),
+    ("sampled", "skl", 1.0, False, "not linear"),
+    ("sampled", "tvd", 1.0, False, "not linear"),
+    ("sampled", "sinkhorn", 1.0, False, "not linear"),
+])
+def test_each_mode_refuses_the_objectives_it_cannot_serve(mode, objective, tau, ok, why):
+    from harness.teacher_cache import supported
+
+    got, reason = supported(mode, objective, tau, {"temperature": 1.0})
+    assert got is ok and why in reason
