@@ -24,7 +24,7 @@ PAPER_SUITES = [s for s in INSTRUCT_SUITES if s != "config/instruct-smoke.yaml"]
 def test_instruct_smoke_gives_a_column_per_evaluation_set(tmp_path):
     snakemake("--cores", "2", "--configfile", "config/instruct-smoke.yaml", "--config",
               f"workdir={tmp_path / 'work'}", f"results={tmp_path / 'results'}")
-    with (tmp_path / "results" / "leaderboard.csv").open() as f:
+    with (tmp_path / "work" / "leaderboard" / "leaderboard.csv").open() as f:
         header = next(csv.reader(f))
     for name in ("dolly", "self-inst", "vicuna", "sinst"):
         assert f"ROUGE-L [{name}] mean" in header, name

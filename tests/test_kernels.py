@@ -199,7 +199,7 @@ def test_kernel_low_precision_inputs(name, dtype, small_blocks):
 
 @pytest.mark.parametrize(
     "name, params",
-    [("jsd", {"beta": 0.1}), ("jsd", {"beta": 0.9}), ("jsd", {"beta": 0.0}), ("jsd", {"beta": 1.0}),
+    [("jsd", {"beta": 0.1}), ("jsd", {"beta": 0.9}), ("jsd", {"beta": 0.01}), ("jsd", {"beta": 0.99}),
      ("skl", {"alpha": 0.0}), ("skl", {"alpha": 0.5}), ("srkl", {"alpha": 0.0}), ("srkl", {"alpha": 0.5}),
      ("akl", {"mu": 0.05}), ("akl", {"mu": 0.3}), ("akl", {"mu": 0.9}), ("akl", {"mu": 1.0}),
      ("bdkd", {"weight_high": 2.0}), ("ab", {"alpha": 0.5, "beta": 0.5}), ("ab", {"alpha": 1.0, "beta": 0.3})],
