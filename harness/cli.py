@@ -13,6 +13,7 @@
     distillbench check     --config config/tiny.yaml     (do the published results match the code and the last run?)
     distillbench status    --config config/tiny.yaml     (what ran, failed, is stale; the top of the leaderboard)
     distillbench objectives                                                     (list the registry)
+    distillbench recipes                                     (every recipe's method card: paper, code, deviations)
 
 Errors in the user's input (recipes, suite, data, models) print one line naming the file, key and fix and
 exit with status 2; ``--debug`` shows the traceback.
@@ -62,9 +63,25 @@ def _parser() -> argparse.ArgumentParser:
     cmd("publish", "copy work/<suite>/leaderboard into results/<suite> and regenerate the README's table")
     cmd("status", "what ran, failed or is stale in the work directory, and the top of the leaderboard")
     cmd("check", "say whether results/<suite> matches the current code, plan and last run (exit 1 if not)")
-    sp = sub.add_parser("objectives", help="list the registered objectives")
+    sp = sub.add_parser("objectives", help="list the registered objectives with their parameters and ranges")
     sp.add_argument("--config", default=None)
+    sp = sub.add_parser("recipes", help="list recipes with their method cards (reference, code, deviations)")
+    sp.add_argument("--recipes", default="recipes", help="recipes directory (default: recipes)")
     return p
+
+
+def _method_cards(recipes_dir: str) -> str:
+    from .recipes import discover
+
+    out = []
+    for name, r in discover(recipes_dir).items():
+        ref = r.reference
+        devs = ref.get("deviations")
+        out.append(f"{name}: {r.description}\n  loss: {r.summary()}; mode: {r.mode}; dropout: {r.dropout}\n"
+                   f"  paper: {ref.get('paper') or '—'}\n  code: {ref.get('code') or '—'}\n  deviations: "
+                   + ("none" if devs == [] else "not listed" if devs is None else "")
+                   + "".join(f"\n    - {d}" for d in devs or []))
+    return "\n".join(out)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,10 +91,13 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "objectives":
         from . import objectives
 
-        for name in objectives.available():
-            spec = objectives.spec(name)
-            print(f"{name:9s} {spec.kind:13s} sparse={'yes' if spec.sparse_ok else 'no ':3s} "
-                  f"{spec.defaults or ''} {spec.summary}")
+        for row in objectives.describe():
+            params = ", ".join(f"{p['name']}={p['default']!r} {p['range']}".rstrip() for p in row["params"]) or "—"
+            print(f"{row['id']:13s} {row['kind']:13s} sparse={'yes' if row['sparse_ok'] else 'no ':3s} "
+                  f"[{params}] {row['summary']}")
+        return 0
+    if args.command == "recipes":
+        print(_method_cards(args.recipes))
         return 0
     if args.threads:
         import torch

@@ -438,3 +438,30 @@ def test_timings_table_sums_benchmarks_per_rule(tmp_path):
     table = timings_table(tmp_path)
     assert "| distill | 2 | 14.0 | 7.0 | 7.0 | 450 |" in table and "| teacher | 1 | 5.5 | 5.5 | 5.0 | 300 |" in table
     assert "| **all jobs** | 3 | 19.5 | | 12.0 | |" in table
+
+
+def test_every_shipped_recipe_has_a_method_card(capsys):
+    """Every row is the method it names: each recipe states its paper, its code at a commit, and its deviations."""
+    from harness.recipes import discover
+
+    for name, r in discover(REPO / "recipes").items():
+        ref = r.reference
+        assert ref.get("paper"), name
+        assert ref.get("code") and ("@" in ref["code"] or "none" in ref["code"].lower()), name
+        assert isinstance(ref.get("deviations"), list), name
+    assert cli.main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    assert "sinkhorn: " in out and "2018cx/SinKD@" in out and "sinkhorn_only: " in out and "ablation" in out.lower()
+
+
+def test_leaderboard_lists_the_method_cards():
+    import pandas as pd
+
+    from harness.report.leaderboard import methods_table
+
+    cards = methods_table({"fkl": {"loss": [{"objective": "fkl", "weight": 1.0}], "mode": "off_policy",
+                                   "reference": {"paper": "Hinton", "code": "none released", "deviations": []}},
+                           "x": None})
+    assert cards.to_dict("records") == [{"Recipe": "fkl", "Loss": "1·fkl", "Mode": "off_policy", "Paper": "Hinton",
+                                         "Code": "none released", "Deviations": "none"}]
+    assert isinstance(cards, pd.DataFrame)

@@ -135,6 +135,7 @@ class Report:
     tuning: pd.DataFrame
     legend: pd.DataFrame
     duplicates: dict[str, str] = field(default_factory=dict)
+    methods: pd.DataFrame = field(default_factory=pd.DataFrame)  # each recipe's method card
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -348,7 +349,23 @@ def build_report(
         "duplicates": duplicates,
     })
     legend = _legend([primary_metric, *others], recipe_configs(final), hib, overall)
-    return Report(lb, per_teacher, agreement, tuning, legend, duplicates)
+    return Report(lb, per_teacher, agreement, tuning, legend, duplicates, methods_table(recipe_configs(final)))
+
+
+def methods_table(configs: Mapping[str, Any]) -> pd.DataFrame:
+    """One row per recipe: its loss, mode and method card (paper, released code, number of deviations)."""
+    rows = []
+    for recipe, cfg in sorted(configs.items()):
+        if not isinstance(cfg, Mapping):
+            continue
+        terms = cfg.get("loss") or []
+        loss = " + ".join(f"{t.get('weight', 1):g}·{t.get('objective')}" for t in terms if isinstance(t, Mapping))
+        ref = cfg.get("reference") or {}
+        devs = ref.get("deviations")
+        rows.append({"Recipe": recipe, "Loss": loss or cfg.get("objective", ""), "Mode": cfg.get("mode", ""),
+                     "Paper": ref.get("paper", "—"), "Code": ref.get("code", "—"),
+                     "Deviations": "none" if devs == [] else "not listed" if devs is None else str(len(devs))})
+    return pd.DataFrame(rows)
 
 
 def build_leaderboard(

@@ -364,6 +364,10 @@ def render_markdown(
                   "runs' seeds (± when several); **bold** = the setting the final (test) runs used; † = best on "
                   "validation but not the one the final runs used."]
     lines += ["", "## Metrics legend", "", to_markdown(legend_table(report))]
+    if not report.methods.empty:
+        lines += ["", "## Methods (each recipe's method card)", "", to_markdown(report.methods.set_index("Recipe")), "",
+                  "- Paper and released code (at the commit read) each recipe follows; its deviations from that code "
+                  "are listed in the recipe file (`distillbench recipes`)."]
     failures = _failure_lines(lb)
     if failures:
         lines += ["", "## Failed runs (excluded from all statistics)", ""]
