@@ -465,3 +465,46 @@ def test_leaderboard_lists_the_method_cards():
     assert cards.to_dict("records") == [{"Recipe": "fkl", "Loss": "1·fkl", "Mode": "off_policy", "Paper": "Hinton",
                                          "Code": "none released", "Deviations": "none"}]
     assert isinstance(cards, pd.DataFrame)
+
+
+def test_report_to_tensorboard_writes_live_scalars(tmp_path, monkeypatch):
+    """training.report_to: tensorboard logs loss, each term and the learning rate at every logged step."""
+    from harness import distill
+
+    logged = []
+
+    class Writer:
+        def add_scalar(self, tag, value, step):
+            logged.append((tag, step, value))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            logged.append(("closed", None, None))
+
+    seen = {}
+
+    def tracker(report_to, log_dir, is_main):
+        seen.update(report_to=report_to, log_dir=log_dir)
+        return Writer()
+
+    monkeypatch.setattr(distill, "_tracker", tracker)
+    train(tiny_model(seed=1), tiny_reference(), tiny_cfg(max_steps=3, report_to="tensorboard"), seed=1,
+          objective=objectives.get("fkl"), kd_weight=0.5, teacher_logits=live(tiny_model(seed=2).eval()),
+          state_path=tmp_path / "state.pt", progress=False)
+    assert seen == {"report_to": "tensorboard", "log_dir": tmp_path / "tensorboard"}
+    tags = {t for t, _, _ in logged}
+    assert {"train/loss", "train/loss_ce", "train/loss_fkl", "train/learning_rate", "closed"} <= tags
+    assert [s for t, s, _ in logged if t == "train/loss"] == [1, 2, 3]
+
+
+def test_report_to_needs_tensorboard_installed_or_says_how():
+    from harness.distill import _tracker
+
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match=r"pip install -e '\.\[tensorboard\]'"):
+            _tracker("tensorboard", Path("/nonexistent"), True)
+    assert _tracker("none", Path("/x"), True) is None
