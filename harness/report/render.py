@@ -303,7 +303,7 @@ def _failure_lines(lb: pd.DataFrame, max_len: int = 300) -> list[tuple[str, str]
 
 
 # ------------------------------------------------------------------------------------------ markdown
-_TEXT_COLS = {"Rank", "Recipe", "Status", "Hyperparameters", "Chosen", "Teachers", "Top recipe", "Same top",
+_TEXT_COLS = {"Rank", "Recipe", "Status", "Loss", "Mode", "Paper", "Code", "Deviations", "Hyperparameters", "Chosen", "Teachers", "Top recipe", "Same top",
               "Column", "Better", "Meaning", "Trained on by", TIED}
 
 
@@ -365,7 +365,7 @@ def render_markdown(
                   "validation but not the one the final runs used."]
     lines += ["", "## Metrics legend", "", to_markdown(legend_table(report))]
     if not report.methods.empty:
-        lines += ["", "## Methods (each recipe's method card)", "", to_markdown(report.methods.set_index("Recipe")), "",
+        lines += ["", "## Methods (each recipe's method card)", "", to_markdown(report.methods), "",
                   "- Paper and released code (at the commit read) each recipe follows; its deviations from that code "
                   "are listed in the recipe file (`distillbench recipes`)."]
     failures = _failure_lines(lb)
