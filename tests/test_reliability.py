@@ -469,10 +469,12 @@ def test_nan_run_marked_failed_and_never_published(base, tmp_path, capsys, caplo
     assert run_cli(["leaderboard", "--config", str(suite_file)], capsys)[0] == 0
     board = suite.leaderboard_dir
     md = (board / "leaderboard.md").read_text()
-    table = [ln for ln in md.splitlines() if ln.startswith("|")]
+    table = [ln for ln in md.split("\n## ")[0].splitlines() if ln.startswith("|")]  # the main table
     row = [ln for ln in table if "nanfkl" in ln]
     assert len(row) == 1 and "failed" in row[0]
     assert not any(re.search(r"\b(nan|inf)\b", ln, re.IGNORECASE) for ln in table), "\n".join(table)
+    every_table = [ln for ln in md.splitlines() if ln.startswith("|")]  # other metrics, costs, method cards too
+    assert not any(re.search(r"\b(nan|inf)\b", ln, re.IGNORECASE) for ln in every_table)
     rows = {r["Recipe"]: r for r in csv.DictReader(io.StringIO((board / "leaderboard.csv").read_text()))}
     assert rows["nanfkl"]["Status"] == "failed" and rows["nanfkl"]["Failed runs"] == "1"
     assert all(v == "" for k, v in rows["nanfkl"].items() if k.endswith((" mean", " ci_low", " ci_high")))
