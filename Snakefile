@@ -63,10 +63,19 @@ CACHE = SUITE.teacher_cache is not None
 
 
 def teacher_inputs(wildcards):
-    """Teacher files a run depends on: none for pure SFT; the shared teacher cache when the suite has one."""
+    """Teacher files a run depends on: none for pure SFT; the shared teacher cache when the suite has one; and,
+    with a hyperparameter search in the suite, the search's choice for the recipe."""
+    chosen = [SUITE.chosen_path(wildcards.recipe)] if SUITE.tuning else []
     if not RECIPES[wildcards.recipe].uses_teacher:
-        return []
-    return [W / "teacher" / "teacher.json"] + ([SUITE.cache_path] if CACHE else [])
+        return chosen
+    return [W / "teacher" / "teacher.json"] + ([SUITE.cache_path] if CACHE else []) + chosen
+
+
+def search_inputs(wildcards):
+    """What the search of a recipe needs: the teacher (and cache), the initial students of the search's seeds."""
+    teacher = ([W / "teacher" / "teacher.json"] + ([SUITE.cache_path] if CACHE else [])
+               if RECIPES[wildcards.recipe].uses_teacher else [])
+    return teacher + [W / "student_init" / f"seed{s}" / "config.json" for s in SUITE.tuning["seeds"]]
 
 
 TARGETS = [(r, s) for r in RECIPES for s in SEEDS] + [("teacher", 0)] + [("init", s) for s in SEEDS]
@@ -120,6 +129,22 @@ rule student_init:
     log: W / "logs" / "student_init_{seed}.log"
     benchmark: W / "benchmarks" / "student_init_{seed}.tsv"
     shell: "{CLI} student-init {ARGS} --seed {wildcards.seed} > {log} 2>&1"
+
+
+if SUITE.tuning:
+    rule tune:
+        # the equal hyperparameter search: every recipe trained at every grid value with the same seeds, scored on
+        # the validation split by the primary metric; one job per recipe
+        input:
+            search_inputs,
+            sources=lambda wc: RECIPES[wc.recipe].source_files(),
+        output: W / "tuning" / "{recipe}" / "chosen.json"
+        threads: SUITE.threads_per_job
+        resources: gpu=GPU, **RESOURCES.get("distill", {})
+        log: W / "logs" / "tune_{recipe}.log"
+        benchmark: W / "benchmarks" / "tune_{recipe}.tsv"
+        params: fp=lambda wc: digest(sorted(FP.tuning_records(wc.recipe).values()))
+        shell: "{CLI} tune {ARGS} --recipe {wildcards.recipe} > {log} 2>&1"
 
 
 if SUITE.distill_jobs == "per_recipe":
@@ -185,7 +210,9 @@ rule evaluate_teacher:
 
 
 rule leaderboard:
-    input: [W / "records" / t / f"seed{s}" / f"{x}.json" for t, s in TARGETS for x in SETS]
+    input:
+        [W / "records" / t / f"seed{s}" / f"{x}.json" for t, s in TARGETS for x in SETS],
+        [SUITE.chosen_path(r) for r in RECIPES] if SUITE.tuning else [],
     output:
         report(SUITE.leaderboard_dir / "leaderboard.md", category="Leaderboard"),
         SUITE.leaderboard_dir / "leaderboard.csv",

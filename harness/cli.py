@@ -7,6 +7,7 @@
     distillbench student-init --config config/tiny.yaml --seed 1
     distillbench teacher-cache --config config/tiny.yaml
     distillbench distill   --config config/tiny.yaml --recipe fkl --seed 1
+    distillbench tune      --config config/tiny.yaml --recipe fkl     (the learning-rate search, when the suite has one)
     distillbench evaluate  --config config/tiny.yaml --target fkl --seed 1     (target: a recipe, teacher or init)
     distillbench leaderboard --config config/tiny.yaml                          (→ work/<suite>/leaderboard)
     distillbench publish   --config config/tiny.yaml     (work/<suite>/leaderboard → results/<suite> + README table)
@@ -56,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     cmd("distill", "train students under one recipe, one run per seed (one process for all: start-up paid once)",
         (("--recipe",), {"required": True}),
         (("--seed",), {"type": int, "action": "append", "required": True, "help": "training seed; repeat for several"}))
+    cmd("tune", "the equal hyperparameter search of one recipe (train at every grid value, score on validation)",
+        (("--recipe",), {"required": True}))
     cmd("evaluate", "evaluate a trained student, the teacher or the untrained student",
         (("--target",), {"required": True, "help": "a recipe name, 'teacher' or 'init'"}),
         (("--seed",), {"type": int, "action": "append", "help": "training seed(s); repeat for several (default 0)"}))
@@ -126,6 +129,9 @@ def run(args: argparse.Namespace) -> int:
         recipe = suite.recipes()[args.recipe]
         for seed in args.seed:  # each seed is its own run: own run.json, checkpoint and fingerprint
             steps.distill(suite, recipe, seed, progress=progress)
+    elif args.command == "tune":
+        validate_plan(suite, check_data=False)
+        steps.tune(suite, suite.recipes()[args.recipe], progress=progress)
     elif args.command == "evaluate":
         steps.evaluate(suite, args.target, args.seed or [0], progress=progress)
     elif args.command == "leaderboard":

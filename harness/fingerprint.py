@@ -143,14 +143,34 @@ class Fingerprints:
         return digest({"up": self.tokenizer(), "student": s, "model": model_source_digest(s), "seed": seed,
                        "training": self.suite.raw.get("training"), "device": self.suite.device})
 
-    def run(self, recipe: str, seed: int) -> str:
+    def run(self, recipe: str, seed: int, lr_index: int | None = None) -> str:
+        """A training run; ``lr_index``: a run of the search at that grid value. With a search in the suite, a
+        final run's learning rate is the search's choice, a function of the search's records: their fingerprints
+        stand for it."""
         r = self.recipes[recipe]
         body = {k: v for k, v in r.to_dict().items() if k not in ("path", "description", "reference", "name")}
-        return digest({"teacher": self.teacher() if r.uses_teacher else None,
+        tuning = self.suite.tuning
+        if lr_index is not None:
+            hparams = {"learning_rate": tuning["learning_rate"][lr_index]}
+        elif tuning:
+            hparams = {"search": sorted(self.tuning_records(recipe).values())}
+        else:
+            hparams = None
+        return digest({"hparams": hparams,"teacher": self.teacher() if r.uses_teacher else None,
                        "cache": self.teacher_cache() if r.uses_teacher and self.suite.teacher_cache else None,
                        "init": self.student_init(seed), "recipe": body, "sources": source_digest(r.source_files()),
                        "training": self.suite.raw.get("training"), "num_processes": self.suite.num_processes,
                        "threads": self.suite.threads_per_job, "seed": seed})
+
+    def tuning_records(self, recipe: str) -> dict[tuple[int, int], str]:
+        """``(grid index, seed) → fingerprint`` of the search's validation records of ``recipe``."""
+        t = self.suite.tuning
+        if not t:
+            return {}
+        scoring = digest({"set": data_files_digest(t["set"]), "eval_seeds": t["eval_seeds"],
+                          "evaluation": data_files_digest(self.suite.raw.get("evaluation")), **self.env})
+        return {(i, s): digest({"up": self.run(recipe, s, lr_index=i), "scoring": scoring})
+                for i in range(len(t["learning_rate"])) for s in t["seeds"]}
 
     def evaluation(self) -> str:
         return digest({"evaluation": data_files_digest(self.suite.raw.get("evaluation")), **self.env})
@@ -175,6 +195,8 @@ class Fingerprints:
     def plan_digest(self) -> str:
         """One hash of the whole plan: every expected record's fingerprint, the suite's neutral keys that shape
         the leaderboard (baseline, sets), and the reporting code."""
+        tuning = sorted(f"{r}/lr{i}/{s}/{fp}" for r in self.recipes for (i, s), fp in self.tuning_records(r).items())
         return digest({"records": sorted(f"{t}/{s}/{fp}" for (t, s), fp in self.expected_records().items()),
+                       "tuning": tuning,
                        "baseline": self.suite.baseline, "report": report_code_digest(),
                        "primary": self.suite.evaluation["primary_metric"]})

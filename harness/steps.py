@@ -245,20 +245,27 @@ def build_teacher_cache(suite: Suite, progress: bool = True) -> Path:
     return suite.cache_path
 
 
-def distill(suite: Suite, recipe: Recipe, seed: int, progress: bool = True) -> Path:
+def distill(suite: Suite, recipe: Recipe, seed: int, progress: bool = True, lr_index: int | None = None) -> Path:
     """Train the seed's initial student under one recipe; save the student and ``run.json``.
 
-    A failed run (diverged, or nothing trained) writes ``run.json`` with ``status: failed`` and the reason,
-    so the pipeline goes on and the leaderboard lists it as failed, never with numbers.
+    ``lr_index``: a run of the hyperparameter search, at grid value ``tuning.learning_rate[lr_index]`` (written
+    under ``workdir/tuning``). Otherwise, with a search in the suite, the run uses the learning rate the search
+    chose for this recipe (:func:`tune`). A failed run (diverged, or nothing trained) writes ``run.json`` with
+    ``status: failed`` and the reason, so the pipeline goes on and the leaderboard lists it as failed.
     """
-    out = suite.run_dir(recipe.name, seed)
+    out = suite.run_dir(recipe.name, seed) if lr_index is None else suite.tune_run_dir(recipe.name, lr_index, seed)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(suite.device)
     tok = load_tokenizer(suite.tokenizer_dir)
     student = load_model(suite.student_init_dir(seed), device=device, dtype="float32")
     if recipe.dropout == "disable":
         disable_dropout(student)
-    cfg = TrainConfig(**{**suite.training.__dict__, "device": device})
+    hparams = None
+    if lr_index is not None:
+        hparams = {"learning_rate": suite.tuning["learning_rate"][lr_index]}
+    elif suite.tuning:
+        hparams = {"learning_rate": read_json(suite.chosen_path(recipe.name))["learning_rate"]}
+    cfg = TrainConfig(**{**suite.training.__dict__, "device": device, **(hparams or {})})
     loss = recipe.build_loss()
     teacher_fn = teacher_model = None
     if getattr(modes.get(recipe.mode, recipe.base_dir), "generates_with_teacher", False):  # samples the teacher
@@ -278,9 +285,10 @@ def distill(suite: Suite, recipe: Recipe, seed: int, progress: bool = True) -> P
         else:
             teacher_fn = live
     examples = encoded_train(suite)
-    fingerprint = Fingerprints(suite, {recipe.name: recipe}).run(recipe.name, seed)
+    fingerprint = Fingerprints(suite, {recipe.name: recipe}).run(recipe.name, seed, lr_index)
     t0 = time.perf_counter()
-    common = {"suite": suite.name, "recipe": recipe.name, "seed": seed, "fingerprint": fingerprint,
+    common = {"suite": suite.name, "recipe": recipe.name, "seed": seed, "fingerprint": fingerprint, "hparams": hparams,
+              "phase": "tune" if lr_index is not None else "final",
               "recipe_config": recipe.to_dict(), "loss": repr(loss), "train_config": cfg.__dict__, "device": device,
               "machine": machine(device), "git_rev": git_revision(), "versions": versions()}
     valid_items = load_jsonl(suite.data_path("valid"), name="valid")[:64] if suite.data_path("valid").exists() else []
@@ -315,6 +323,66 @@ def distill(suite: Suite, recipe: Recipe, seed: int, progress: bool = True) -> P
     })
     (out / "state.pt").unlink(missing_ok=True)
     return out
+
+
+def tune_record_path(suite: Suite, recipe: str, index: int, seed: int) -> Path:
+    return suite.tune_run_dir(recipe, index, seed) / "record.json"
+
+
+def tune(suite: Suite, recipe: Recipe, progress: bool = True) -> Path:
+    """The equal hyperparameter search of one recipe: train at every grid value (``tuning.learning_rate``) with the
+    search's seeds, score each student on the validation set by the primary metric, and write the choice.
+
+    Every recipe of a suite gets the same grid, seeds and scoring; the test sets are never seen. Ties go to the
+    first grid value. Writes one record per run (``phase: tune``, for the leaderboard's search table) and
+    ``chosen.json``.
+    """
+    from .evaluation.evaluate_run import evaluate_model
+    from .report.metric_info import is_higher_better
+
+    t = suite.tuning
+    if not t:
+        raise ValueError(f"{suite.origin}: the suite has no 'tuning' section")
+    fps = Fingerprints(suite, {recipe.name: recipe}).tuning_records(recipe.name)
+    device = resolve_device(suite.device)
+    tok = load_tokenizer(suite.tokenizer_dir)
+    name = t["set"].get("name", "valid")
+    items = load_eval_set(eval_set_spec(suite, t["set"]), where=suite.origin, key="tuning.set")
+    items = items[: suite.evaluation["max_items"]]
+    ev = suite.evaluation
+    gen_cfg = {k: ev[k] for k in ("do_sample", "temperature", "top_p", "top_k", "no_repeat_ngram_size",
+                                  "max_prompt_tokens", "max_length", "max_new_tokens", "batch_size")}
+    primary = ev["primary_metric"]
+    scores: dict[float, list[float]] = {}
+    for i, lr in enumerate(t["learning_rate"]):
+        for seed in t["seeds"]:
+            run_dir = distill(suite, recipe, seed, progress=progress, lr_index=i)
+            run = read_json(run_dir / "run.json")
+            record = {"suite": suite.name, "recipe": recipe.name, "seed": seed, "eval_set": name, "role": "student",
+                      "phase": "tune", "hparams": {"learning_rate": lr}, "fingerprint": fps[(i, seed)],
+                      "config": {"recipe": run.get("recipe_config")}, "costs": run.get("costs", {})}
+            if run.get("status") != "ok":
+                write_json_atomic(tune_record_path(suite, recipe.name, i, seed),
+                                  {**record, "status": "failed", "error": run.get("error"), "metrics": {}})
+                continue
+            metrics = evaluate_model(load_model(run_dir / "model", device=device), tok, {name: items},
+                                     gen_cfg={**gen_cfg, "progress": progress}, eval_seeds=t["eval_seeds"])[name]
+            metrics = {k: v for k, v in metrics.items() if k not in TIMING_KEYS and k not in DETAIL_KEYS}
+            write_json_atomic(tune_record_path(suite, recipe.name, i, seed),
+                              {**record, "status": "ok", "error": None, "metrics": metrics})
+            if metrics.get(primary) is not None:
+                scores.setdefault(lr, []).append(float(metrics[primary]))
+            log.info("%s: learning rate %g, seed %d: validation %s %.3f", recipe.name, lr, seed, primary,
+                     metrics.get(primary) or float("nan"))
+    if not scores:
+        raise TrainingFailed(f"{recipe.name}: every run of the search failed; see {suite.workdir / 'tuning'}")
+    sign = 1.0 if is_higher_better(primary) else -1.0
+    means = {lr: sum(v) / len(v) for lr, v in scores.items()}
+    best = max(t["learning_rate"], key=lambda lr: (sign * means[lr], -t["learning_rate"].index(lr))
+               if lr in means else (float("-inf"), 0))
+    return write_json_atomic(suite.chosen_path(recipe.name), {
+        "recipe": recipe.name, "learning_rate": best, "metric": primary, "set": name,
+        "validation_means": {str(k): v for k, v in means.items()}, "seeds": t["seeds"]})
 
 
 # ----------------------------------------------------------------------------------------------- evaluate
@@ -406,7 +474,8 @@ def evaluate(suite: Suite, target: str, seeds: int | list[int], progress: bool =
     paths = []
     for seed in [seeds] if isinstance(seeds, int) else seeds:
         source, role, run = _target_model_dir(suite, target, seed)
-        base = {"suite": suite.name, "recipe": target, "seed": seed, "role": role,
+        base = {"suite": suite.name, "recipe": target, "seed": seed, "role": role, "phase": "final",
+                "hparams": run.get("hparams"),
                 "fingerprint": fingerprints.record(target, seed), "git_rev": git_revision(),
                 "versions": versions(), "device": device, "machine": machine(device),
                 "config": {"suite": suite.raw, "recipe": run.get("recipe_config")}}
@@ -463,6 +532,15 @@ def select_records(suite: Suite, fingerprints: Fingerprints | None = None) -> tu
                             f"(fingerprint {found}, the plan's is {expected[(target, seed)]})")
             continue
         chosen.append(path)
+    for recipe in fingerprints.recipes:
+        for (i, seed), fp in fingerprints.tuning_records(recipe).items():
+            path = tune_record_path(suite, recipe, i, seed)
+            if not path.exists():
+                left_out.append(f"{recipe} search lr{i} seed {seed}: missing ({path})")
+            elif read_json(path).get("fingerprint") != fp:
+                left_out.append(f"{recipe} search lr{i} seed {seed}: stale, made by other inputs")
+            else:
+                chosen.append(path)
     return chosen, left_out
 
 

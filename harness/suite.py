@@ -94,6 +94,15 @@ EVAL_SCHEMA = {
     "primary_metric": Field((str,), "rougeL", help="the metric that ranks the leaderboard"),
 }
 
+TUNING_SCHEMA = {
+    "learning_rate": Field((list,), required=True, min_len=2,
+                           help="the learning-rate grid every recipe is searched over (the same for all)"),
+    "seeds": Field((list,), None, min_len=1, help="training seeds of the search (default: the suite's first seed)"),
+    "eval_seeds": Field((list,), None, min_len=1, help="evaluation seeds of the search (default: the first one)"),
+    "set": Field((dict,), None, help="the validation set the search is scored on (default: the suite's valid split); "
+                                      "never a test set"),
+}
+
 LM_EVAL_SCHEMA = {
     "tasks": Field((list,), [], help="tasks built from evaluation sets: [{name, set, kind: mc | gen}]"),
     "standard": Field((list,), [], help="lm-eval's own task names (need their data: Hub or cache)"),
@@ -129,6 +138,8 @@ SUITE_SCHEMA = {
     "student": Field((dict,), required=True, help="the initial student (see student:)"),
     "training": Field((dict,), None, help="budgets shared by every recipe (see training:)"),
     "evaluation": Field((dict,), required=True, help="evaluation sets and protocol (see evaluation:)"),
+    "tuning": Field((dict, type(None)), None, help="an equal hyperparameter search for every recipe, selected on "
+                                                    "the validation split by the primary metric (see tuning:)"),
 }
 
 
@@ -157,6 +168,7 @@ class Suite:
     num_processes: int
     threads_per_job: int
     distill_jobs: str
+    tuning: dict | None
     teacher_cache: dict | None
     data: dict
     tokenizer: dict
@@ -195,6 +207,14 @@ class Suite:
     @property
     def cache_path(self) -> Path:
         return self.workdir / "teacher_cache.pt"
+
+    def tune_run_dir(self, recipe: str, index: int, seed: int) -> Path:
+        """A run of the hyperparameter search: grid value ``index`` of ``tuning.learning_rate``."""
+        return self.workdir / "tuning" / recipe / f"lr{index}" / f"seed{seed}"
+
+    def chosen_path(self, recipe: str) -> Path:
+        """The search's choice for ``recipe`` (``{"learning_rate": ..., "scores": ...}``)."""
+        return self.workdir / "tuning" / recipe / "chosen.json"
 
     @property
     def leaderboard_dir(self) -> Path:
@@ -272,13 +292,34 @@ def load_suite(path: str | Path) -> Suite:
     if top["recipes"] is not None and (not top["recipes"] or not all(isinstance(r, str) and r for r in top["recipes"])):
         raise ConfigError(f"{where}: key 'recipes' must be null (every recipe) or a non-empty list of recipe names, "
                           f"got {top['recipes']!r}")
+    tuning = None
+    if top["tuning"] is not None:
+        tuning = check(top["tuning"], TUNING_SCHEMA, where, "tuning.")
+        grid = tuning["learning_rate"]
+        lr_field = Field((float,), gt=0, help="a learning rate")
+        from .schema import check_value
+
+        grid = [check_value(v, lr_field, where, f"tuning.learning_rate[{i}]") for i, v in enumerate(grid)]
+        if len(set(grid)) != len(grid):
+            raise ConfigError(f"{where}: key 'tuning.learning_rate' lists a value twice: {grid!r}")
+        for key in ("seeds", "eval_seeds"):
+            values = tuning[key]
+            if values is not None and not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+                raise ConfigError(f"{where}: key 'tuning.{key}' must be a list of integers, got {values!r}")
+        tset = tuning["set"] or {"name": "valid", "split": "valid"}
+        check_set_spec(tset, where, "tuning.set")
+        if tset.get("name") in names and tset.get("name") != "valid":
+            raise ConfigError(f"{where}: key 'tuning.set' names {tset['name']!r}, an evaluation set: the search must "
+                              "be scored on a validation set, never on a set the leaderboard reports")
+        tuning = {"learning_rate": grid, "seeds": tuning["seeds"] or [seeds[0]],
+                  "eval_seeds": tuning["eval_seeds"] or evaluation["seeds"][:1], "set": tset}
     name = top["suite"]
     return Suite(
         name=name, path=str(path),
         workdir=Path(top["workdir"] or f"work/{name}"), results=Path(top["results"] or f"results/{name}"),
         recipes_dir=Path(top["recipes_dir"]), recipe_names=top["recipes"], baseline=top["baseline"],
         seeds=list(seeds), device=top["device"], num_processes=top["num_processes"],
-        threads_per_job=top["threads_per_job"], distill_jobs=top["distill_jobs"], teacher_cache=cache, data=data,
+        threads_per_job=top["threads_per_job"], distill_jobs=top["distill_jobs"], tuning=tuning, teacher_cache=cache, data=data,
         tokenizer=tokenizer, teacher=teacher, student=student, training=training, evaluation=evaluation,
         raw=raw, origin=where,
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-RULES = ("teacher_cache", "teacher", "student_init", "distill", "evaluate_teacher", "evaluate", "leaderboard")
+RULES = ("teacher_cache", "teacher", "student_init", "tune", "distill", "evaluate_teacher", "evaluate", "leaderboard")
 
 
 def _rule(stem: str) -> str:
