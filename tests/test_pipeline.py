@@ -61,6 +61,15 @@ def test_smoke_suite_writes_a_leaderboard_under_work_only(smoke_run):
     for seed in (1, 2):
         tokens = {r["costs"]["tokens"] for r in runs if r["seed"] == seed}
         assert len(tokens) == 1, "recipes of one seed must see exactly the same tokens"
+    # the equal learning-rate search: every recipe searched, the final runs trained with the choice
+    for recipe in ("sft", "fkl", "srkl"):
+        chosen = json.loads((tmp / "work" / "tuning" / recipe / "chosen.json").read_text())
+        assert chosen["learning_rate"] in (0.002, 0.005) and chosen["set"] == "valid"
+        final = json.loads((tmp / "work" / "runs" / recipe / "seed1" / "run.json").read_text())
+        assert final["hparams"] == {"learning_rate": chosen["learning_rate"]}
+        assert final["train_config"]["learning_rate"] == chosen["learning_rate"]
+    assert (results / "plots" / "tuning.png").stat().st_size > 0
+    assert "## Hyperparameter search (validation split)" in (results / "leaderboard.md").read_text()
     prov = json.loads((results / "provenance.json").read_text())["provenance"]
     for key in ("code_digest", "plan_digest", "libraries", "machine", "git_rev"):  # the stamp
         assert key in prov, key

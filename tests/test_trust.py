@@ -91,6 +91,7 @@ def plan(tmp_path):
 
 def _fp(tmp_path, recipes, **changes):
     d = suite_dict(tmp_path, recipes)
+    d.pop("tuning", None)  # without a search: a run's fingerprint is its own inputs only
     for key, value in changes.items():
         section, _, sub = key.partition("__")
         if sub:
@@ -141,6 +142,7 @@ def test_leaderboard_selects_only_records_of_the_current_plan(plan):
 
     tmp_path, recipes = plan
     d = suite_dict(tmp_path, recipes)
+    d.pop("tuning", None)
     d["seeds"] = [1, 2]
     suite = load_suite(write_suite(tmp_path / "two.yaml", d))
     fps = Fingerprints(suite)
@@ -508,3 +510,74 @@ def test_report_to_needs_tensorboard_installed_or_says_how():
         with pytest.raises(ValueError, match=r"pip install -e '\.\[tensorboard\]'"):
             _tracker("tensorboard", Path("/nonexistent"), True)
     assert _tracker("none", Path("/x"), True) is None
+
+
+
+# ------------------------------------------------------------------------------ the equal hyperparameter search
+def test_search_fingerprints_tie_final_runs_to_the_search(plan):
+    """With a search, a final run's fingerprint stands on the search's records: a new grid re-runs the search and
+    every final run; without one, nothing of the kind."""
+    tmp_path, recipes = plan
+    d = suite_dict(tmp_path, recipes)
+    d["tuning"] = {"learning_rate": [0.001, 0.01], "seeds": [1]}
+    a = Fingerprints(load_suite(write_suite(tmp_path / "a.yaml", d)))
+    d["tuning"] = {"learning_rate": [0.001, 0.02], "seeds": [1]}
+    b = Fingerprints(load_suite(write_suite(tmp_path / "b.yaml", d)))
+    assert set(a.tuning_records("fkl")) == {(0, 1), (1, 1)}
+    assert a.tuning_records("fkl")[(0, 1)] == b.tuning_records("fkl")[(0, 1)]  # the same grid value
+    assert a.tuning_records("fkl")[(1, 1)] != b.tuning_records("fkl")[(1, 1)]
+    assert a.run("fkl", 2) != b.run("fkl", 2) and a.plan_digest() != b.plan_digest()
+    assert a.run("fkl", 1, lr_index=0) != a.run("fkl", 1, lr_index=1)
+
+
+@pytest.mark.parametrize("tuning, needle", [
+    ({"learning_rate": [0.01]}, "'tuning.learning_rate' needs at least 2 entries"),
+    ({"learning_rate": [0.01, -0.1]}, "'tuning.learning_rate[1]' must be > 0"),
+    ({"learning_rate": [0.01, 0.01]}, "lists a value twice"),
+    ({"learning_rate": [0.01, 0.1], "set": {"name": "test", "split": "test"}}, "never on a set the leaderboard reports"),
+    ({"learning_rate": [0.01, 0.1], "batch": 3}, "unknown key 'tuning.batch'"),
+])
+def test_bad_search_fails_validate(tmp_path, capsys, tuning, needle):
+    recipes = write_recipes(tmp_path / "recipes")
+    d = suite_dict(tmp_path, recipes)
+    d["tuning"] = tuning
+    rc, err = run_cli(["validate", "--config", str(write_suite(tmp_path / "s.yaml", d))], capsys)
+    line = one_line(err)
+    assert rc == 2 and needle in line, line
+
+
+def test_search_chooses_by_validation_and_final_runs_use_it(tmp_path, monkeypatch):
+    """tune(): every grid value trained with the search's seeds, scored on the validation split; the best mean
+    wins (ties: the first grid value); distill() then trains with the choice."""
+    from harness import steps
+    from harness.evaluation import evaluate_run
+
+    recipes = write_recipes(tmp_path / "recipes")
+    d = suite_dict(tmp_path, recipes)
+    d["tuning"] = {"learning_rate": [0.001, 0.002, 0.004], "seeds": [1]}
+    suite = load_suite(write_suite(tmp_path / "s.yaml", d))
+    trained = []
+
+    def fake_distill(suite_, recipe, seed, progress=True, lr_index=None):
+        out = suite_.tune_run_dir(recipe.name, lr_index, seed) if lr_index is not None else suite_.run_dir(recipe.name, seed)
+        out.mkdir(parents=True, exist_ok=True)
+        trained.append((lr_index, seed))
+        write_json_atomic(out / "run.json", {"status": "ok", "recipe_config": recipe.to_dict()})
+        return out
+
+    scores = iter([10.0, 12.5, 12.5])  # a tie between 0.002 and 0.004: the first wins
+    monkeypatch.setattr(steps, "distill", fake_distill)
+    monkeypatch.setattr(steps, "load_model", lambda *a, **k: None)
+    monkeypatch.setattr(steps, "load_tokenizer", lambda *a, **k: None)
+    monkeypatch.setattr(steps, "load_eval_set", lambda *a, **k: [{"prompt": "p", "output": "o"}])
+    monkeypatch.setattr(evaluate_run, "evaluate_model", lambda *a, **k: {"valid": {"rougeL": next(scores)}})
+    path = steps.tune(suite, suite.recipes()["fkl"], progress=False)
+    import json
+
+    chosen = json.loads(path.read_text())
+    assert trained == [(0, 1), (1, 1), (2, 1)]
+    assert chosen["learning_rate"] == 0.002 and chosen["validation_means"] == {"0.001": 10.0, "0.002": 12.5, "0.004": 12.5}
+    records = [json.loads(steps.tune_record_path(suite, "fkl", i, 1).read_text()) for i in range(3)]
+    assert [r["phase"] for r in records] == ["tune"] * 3
+    assert [r["hparams"]["learning_rate"] for r in records] == [0.001, 0.002, 0.004]
+    assert all(r["fingerprint"] == Fingerprints(suite).tuning_records("fkl")[(i, 1)] for i, r in enumerate(records))
