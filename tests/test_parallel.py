@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _suite_file(tmp: Path, name: str, batch: int, processes: int) -> Path:
     cfg = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
+    cfg.pop("tuning", None)  # a single distill run at the suite's learning rate
     cfg.update(workdir=str(tmp / "work"), results=str(tmp / "results"), recipes=["sft", "fkl"], seeds=[1],
                num_processes=processes)
     cfg["training"].update(per_device_train_batch_size=batch, max_steps=4, log_every=1)

@@ -66,8 +66,10 @@ def _one_thread():
 
 # ------------------------------------------------------------------------------------------------ helpers
 def suite_dict(root: Path, recipes_dir: Path, **training) -> dict:
-    """config/smoke.yaml with tmp paths, one seed, checkpoints every 2 of 10 steps and no lm-eval."""
+    """config/smoke.yaml with tmp paths, one seed, checkpoints every 2 of 10 steps, no lm-eval and no learning-rate
+    search (these tests drive single distill runs; the search has its own tests in test_trust.py)."""
     d = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
+    d.pop("tuning", None)
     d.update(workdir=str(root / "work"), results=str(root / "results"), recipes_dir=str(recipes_dir),
              recipes=None, seeds=[SEED])
     d["training"] = {**d["training"], "checkpoint_every": 2, **training}
