@@ -60,25 +60,36 @@ wildcard_constraints:
 
 
 CACHE = SUITE.teacher_cache is not None
+# teacher_seeds: one teacher per seed; every final run is repeated with each (the primary, the first, keeps the
+# plain layout: teacher/, teacher_cache.pt, runs/, records/; another's outputs carry its seed)
+VIEWS = SUITE.teachers()
 
 
-def teacher_inputs(wildcards):
-    """Teacher files a run depends on: none for pure SFT; the shared teacher cache when the suite has one; and,
-    with a hyperparameter search in the suite, the search's choice for the recipe."""
-    chosen = [SUITE.chosen_path(wildcards.recipe)] if SUITE.tuning else []
-    if not RECIPES[wildcards.recipe].uses_teacher:
-        return chosen
-    return [W / "teacher" / "teacher.json"] + ([SUITE.cache_path] if CACHE else []) + chosen
+def teacher_files(view):
+    return [view.teacher_dir / "teacher.json"] + ([view.cache_path] if CACHE else [])
+
+
+def teacher_inputs(view):
+    """Teacher files a run depends on: none for pure SFT; the teacher (and its cache) otherwise; and, with a
+    hyperparameter search in the suite, the search's choice for the recipe."""
+    def inputs(wildcards):
+        chosen = [SUITE.chosen_path(wildcards.recipe)] if SUITE.tuning else []
+        return chosen + (teacher_files(view) if RECIPES[wildcards.recipe].uses_teacher else [])
+    return inputs
 
 
 def search_inputs(wildcards):
-    """What the search of a recipe needs: the teacher (and cache), the initial students of the search's seeds."""
-    teacher = ([W / "teacher" / "teacher.json"] + ([SUITE.cache_path] if CACHE else [])
-               if RECIPES[wildcards.recipe].uses_teacher else [])
+    """What the search of a recipe needs: the primary teacher (and cache), the initial students of its seeds."""
+    teacher = teacher_files(SUITE) if RECIPES[wildcards.recipe].uses_teacher else []
     return teacher + [W / "student_init" / f"seed{s}" / "config.json" for s in SUITE.tuning["seeds"]]
 
 
-TARGETS = [(r, s) for r in RECIPES for s in SEEDS] + [("teacher", 0)] + [("init", s) for s in SEEDS]
+def records_of(view):
+    """Every record the leaderboard needs from one teacher (the untrained student: the primary's only)."""
+    targets = [(r, s) for r in RECIPES for s in SEEDS] + [("teacher", 0)]
+    targets += [("init", s) for s in SEEDS] if view.primary_teacher else []
+    return [view.records_dir / t / f"seed{s}" / f"{x}.json" for t, s in targets for x in SETS]
+
 
 rule all:
     input:
@@ -100,28 +111,6 @@ rule tokenizer:
     shell: "{CLI} tokenizer {ARGS} > {log} 2>&1"
 
 
-rule teacher:
-    input: W / "tokenizer" / "tokenizer.json"
-    output: W / "teacher" / "teacher.json"
-    params: fp=FP.teacher()
-    threads: SUITE.threads_per_job  # tiny models: one thread is faster than two (measured)
-    resources: gpu=GPU, **RESOURCES.get("teacher", {})
-    log: W / "logs" / "teacher.log"
-    benchmark: W / "benchmarks" / "teacher.tsv"
-    shell: "{CLI} teacher {ARGS} > {log} 2>&1"
-
-
-rule teacher_cache:
-    input: W / "teacher" / "teacher.json"
-    output: SUITE.cache_path
-    params: fp=FP.teacher_cache()
-    threads: SUITE.threads_per_job
-    resources: gpu=GPU, **RESOURCES.get("teacher", {})
-    log: W / "logs" / "teacher_cache.log"
-    benchmark: W / "benchmarks" / "teacher_cache.tsv"
-    shell: "{CLI} teacher-cache {ARGS} > {log} 2>&1"
-
-
 rule student_init:
     input: W / "tokenizer" / "tokenizer.json"
     output: W / "student_init" / "seed{seed}" / "config.json"
@@ -134,7 +123,7 @@ rule student_init:
 if SUITE.tuning:
     rule tune:
         # the equal hyperparameter search: every recipe trained at every grid value with the same seeds, scored on
-        # the validation split by the primary metric; one job per recipe
+        # the validation split by the primary metric; one job per recipe (with the primary teacher)
         input:
             search_inputs,
             sources=lambda wc: RECIPES[wc.recipe].source_files(),
@@ -147,71 +136,104 @@ if SUITE.tuning:
         shell: "{CLI} tune {ARGS} --recipe {wildcards.recipe} > {log} 2>&1"
 
 
-if SUITE.distill_jobs == "per_recipe":
-    rule distill:
-        # one job per recipe trains every seed (one process: start-up and loading paid once — small models);
-        # each seed is still its own run with its own run.json, checkpoint and fingerprint
-        input:
-            teacher_inputs,
-            [W / "student_init" / f"seed{s}" / "config.json" for s in SEEDS],
-            sources=lambda wc: RECIPES[wc.recipe].source_files(),  # the recipe and its user objective modules
-        output: [W / "runs" / "{recipe}" / f"seed{s}" / "run.json" for s in SEEDS]
-        threads: SUITE.threads_per_job * SUITE.num_processes
-        resources: gpu=GPU * SUITE.num_processes, **RESOURCES.get("distill", {})
-        log: W / "logs" / "distill_{recipe}.log"
-        benchmark: W / "benchmarks" / "distill_{recipe}.tsv"
-        params: fp=lambda wc: digest([FP.run(wc.recipe, s) for s in SEEDS]), launch=LAUNCH,
-                seeds=" ".join(f"--seed {s}" for s in SEEDS)
-        shell: "{params.launch} distill {ARGS} --recipe {wildcards.recipe} {params.seeds} > {log} 2>&1"
-else:
-    rule distill:
-        # one job per (recipe, seed): runs in parallel on a cluster or several GPUs
-        input:
-            teacher_inputs,
-            W / "student_init" / "seed{seed}" / "config.json",
-            sources=lambda wc: RECIPES[wc.recipe].source_files(),
-        output: W / "runs" / "{recipe}" / "seed{seed}" / "run.json"
-        threads: SUITE.threads_per_job * SUITE.num_processes
-        resources: gpu=GPU * SUITE.num_processes, **RESOURCES.get("distill", {})
-        log: W / "logs" / "distill_{recipe}_{seed}.log"
-        benchmark: W / "benchmarks" / "distill_{recipe}_{seed}.tsv"
-        params: fp=lambda wc: FP.run(wc.recipe, int(wc.seed)), launch=LAUNCH
-        shell: "{params.launch} distill {ARGS} --recipe {wildcards.recipe} --seed {wildcards.seed} > {log} 2>&1"
+# the rules that depend on the teacher, once per teacher seed (rule names: teacher, teacher_1, distill_1, ...)
+for VIEW in VIEWS:
+    T = VIEW.teacher_seed
+    SFX = "" if VIEW.primary_teacher else f"_{T}"
+    TFP = FP.for_teacher(T)
+    TARGS = f"{ARGS} --teacher-seed {T}"
 
+    rule:
+        name: f"teacher{SFX}"
+        input: W / "tokenizer" / "tokenizer.json"
+        output: VIEW.teacher_dir / "teacher.json"
+        params: fp=TFP.teacher(), args=TARGS
+        threads: SUITE.threads_per_job  # tiny models: one thread is faster than two (measured)
+        resources: gpu=GPU, **RESOURCES.get("teacher", {})
+        log: W / "logs" / f"teacher{SFX}.log"
+        benchmark: W / "benchmarks" / f"teacher{SFX}.tsv"
+        shell: "{CLI} teacher {params.args} > {log} 2>&1"
 
-def evaluate_inputs(wildcards):
-    """One evaluate job per target covers all its seeds: the teacher and the data are loaded once."""
-    t = wildcards.target
-    if t == "init":
-        return [W / "student_init" / f"seed{s}" / "config.json" for s in SEEDS] + [W / "teacher" / "teacher.json"]
-    return [W / "runs" / t / f"seed{s}" / "run.json" for s in SEEDS] + [W / "teacher" / "teacher.json"]
+    if CACHE:
+        rule:
+            name: f"teacher_cache{SFX}"
+            input: VIEW.teacher_dir / "teacher.json"
+            output: VIEW.cache_path
+            params: fp=TFP.teacher_cache(), args=TARGS
+            threads: SUITE.threads_per_job
+            resources: gpu=GPU, **RESOURCES.get("teacher", {})
+            log: W / "logs" / f"teacher_cache{SFX}.log"
+            benchmark: W / "benchmarks" / f"teacher_cache{SFX}.tsv"
+            shell: "{CLI} teacher-cache {params.args} > {log} 2>&1"
 
+    RUNS = "runs" if VIEW.primary_teacher else f"runs-teacher{T}"  # = VIEW.run_dir's layout (teacher users)
+    if SUITE.distill_jobs == "per_recipe":
+        rule:
+            # one job per recipe trains every seed (one process: start-up and loading paid once — small models);
+            # each seed is still its own run with its own run.json, checkpoint and fingerprint
+            name: f"distill{SFX}"
+            input:
+                teacher_inputs(VIEW),
+                [W / "student_init" / f"seed{s}" / "config.json" for s in SEEDS],
+                sources=lambda wc: RECIPES[wc.recipe].source_files(),  # the recipe and its user objective modules
+            output: [W / RUNS / "{recipe}" / f"seed{s}" / "run.json" for s in SEEDS]
+            threads: SUITE.threads_per_job * SUITE.num_processes
+            resources: gpu=GPU * SUITE.num_processes, **RESOURCES.get("distill", {})
+            log: W / "logs" / (f"distill{SFX}_" + "{recipe}.log")
+            benchmark: W / "benchmarks" / (f"distill{SFX}_" + "{recipe}.tsv")
+            params: fp=lambda wc, f=TFP: digest([f.run(wc.recipe, s) for s in SEEDS]), launch=LAUNCH,
+                    seeds=" ".join(f"--seed {s}" for s in SEEDS), args=TARGS
+            shell: "{params.launch} distill {params.args} --recipe {wildcards.recipe} {params.seeds} > {log} 2>&1"
+    else:
+        rule:
+            # one job per (recipe, seed): runs in parallel on a cluster or several GPUs
+            name: f"distill{SFX}"
+            input:
+                teacher_inputs(VIEW),
+                W / "student_init" / "seed{seed}" / "config.json",
+                sources=lambda wc: RECIPES[wc.recipe].source_files(),
+            output: W / RUNS / "{recipe}" / "seed{seed}" / "run.json"
+            threads: SUITE.threads_per_job * SUITE.num_processes
+            resources: gpu=GPU * SUITE.num_processes, **RESOURCES.get("distill", {})
+            log: W / "logs" / (f"distill{SFX}_" + "{recipe}_{seed}.log")
+            benchmark: W / "benchmarks" / (f"distill{SFX}_" + "{recipe}_{seed}.tsv")
+            params: fp=lambda wc, f=TFP: f.run(wc.recipe, int(wc.seed)), launch=LAUNCH, args=TARGS
+            shell: "{params.launch} distill {params.args} --recipe {wildcards.recipe} --seed {wildcards.seed} > {log} 2>&1"
 
-rule evaluate:
-    input: evaluate_inputs
-    output: [W / "records" / "{target}" / f"seed{s}" / f"{x}.json" for s in SEEDS for x in SETS]
-    params: fp=lambda wc: digest([FP.record(wc.target, s) for s in SEEDS]), seeds=" ".join(f"--seed {s}" for s in SEEDS)
-    threads: SUITE.threads_per_job
-    resources: gpu=GPU, **RESOURCES.get("evaluate", {})
-    log: W / "logs" / "evaluate_{target}.log"
-    benchmark: W / "benchmarks" / "evaluate_{target}.tsv"
-    shell: "{CLI} evaluate {ARGS} --target {wildcards.target} {params.seeds} > {log} 2>&1"
+    def evaluate_inputs(wildcards, view=VIEW):
+        """One evaluate job per target covers all its seeds: the teacher and the data are loaded once."""
+        t = wildcards.target
+        if t == "init":
+            return [W / "student_init" / f"seed{s}" / "config.json" for s in SEEDS] + [view.teacher_dir / "teacher.json"]
+        return [view.run_dir(t, s) / "run.json" for s in SEEDS] + [view.teacher_dir / "teacher.json"]
 
+    rule:
+        name: f"evaluate{SFX}"
+        input: evaluate_inputs
+        output: [VIEW.records_dir / "{target}" / f"seed{s}" / f"{x}.json" for s in SEEDS for x in SETS]
+        params: fp=lambda wc, f=TFP: digest([f.record(wc.target, s) for s in SEEDS]),
+                seeds=" ".join(f"--seed {s}" for s in SEEDS), args=TARGS
+        threads: SUITE.threads_per_job
+        resources: gpu=GPU, **RESOURCES.get("evaluate", {})
+        log: W / "logs" / (f"evaluate{SFX}_" + "{target}.log")
+        benchmark: W / "benchmarks" / (f"evaluate{SFX}_" + "{target}.tsv")
+        shell: "{CLI} evaluate {params.args} --target {wildcards.target} {params.seeds} > {log} 2>&1"
 
-rule evaluate_teacher:
-    input: W / "teacher" / "teacher.json"
-    output: [W / "records" / "teacher" / "seed0" / f"{x}.json" for x in SETS]
-    params: fp=FP.record("teacher", 0)
-    threads: SUITE.threads_per_job
-    resources: gpu=GPU, **RESOURCES.get("evaluate", {})
-    log: W / "logs" / "evaluate_teacher.log"
-    benchmark: W / "benchmarks" / "evaluate_teacher.tsv"
-    shell: "{CLI} evaluate {ARGS} --target teacher --seed 0 > {log} 2>&1"
+    rule:
+        name: f"evaluate_teacher{SFX}"
+        input: VIEW.teacher_dir / "teacher.json"
+        output: [VIEW.records_dir / "teacher" / "seed0" / f"{x}.json" for x in SETS]
+        params: fp=TFP.record("teacher", 0), args=TARGS
+        threads: SUITE.threads_per_job
+        resources: gpu=GPU, **RESOURCES.get("evaluate", {})
+        log: W / "logs" / f"evaluate_teacher{SFX}.log"
+        benchmark: W / "benchmarks" / f"evaluate_teacher{SFX}.tsv"
+        shell: "{CLI} evaluate {params.args} --target teacher --seed 0 > {log} 2>&1"
 
 
 rule leaderboard:
     input:
-        [W / "records" / t / f"seed{s}" / f"{x}.json" for t, s in TARGETS for x in SETS],
+        [path for view in VIEWS for path in records_of(view)],
         [SUITE.chosen_path(r) for r in RECIPES] if SUITE.tuning else [],
     output:
         report(SUITE.leaderboard_dir / "leaderboard.md", category="Leaderboard"),

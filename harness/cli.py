@@ -6,7 +6,7 @@
     distillbench teacher   --config config/tiny.yaml
     distillbench student-init --config config/tiny.yaml --seed 1
     distillbench teacher-cache --config config/tiny.yaml
-    distillbench distill   --config config/tiny.yaml --recipe fkl --seed 1
+    distillbench distill   --config config/tiny.yaml --recipe fkl --seed 1 [--teacher-seed 1]
     distillbench tune      --config config/tiny.yaml --recipe fkl     (the learning-rate search, when the suite has one)
     distillbench evaluate  --config config/tiny.yaml --target fkl --seed 1     (target: a recipe, teacher or init)
     distillbench leaderboard --config config/tiny.yaml                          (→ work/<suite>/leaderboard)
@@ -48,20 +48,24 @@ def _parser() -> argparse.ArgumentParser:
         return sp
 
     recipes = (("--recipes",), {"default": None, "help": "recipes directory (default: the suite's)"})
+    tseed = (("--teacher-seed",), {"type": int, "default": None,
+                                   "help": "which of the suite's teacher_seeds (default: the primary, the first)"})
     cmd("validate", "check a suite, its recipes and data paths without running anything", recipes)
     cmd("data", "write the suite's train/valid/test data")
     cmd("tokenizer", "train or save the suite's tokenizer")
-    cmd("teacher", "pre-train the tiny teacher (or point to an existing one)")
+    cmd("teacher", "pre-train the tiny teacher (or point to an existing one)", tseed)
     cmd("student-init", "build the initial student of a seed", (("--seed",), {"type": int, "required": True}))
-    cmd("teacher-cache", "compute the teacher's outputs on the training data once")
+    cmd("teacher-cache", "compute the teacher's outputs on the training data once", tseed)
     cmd("distill", "train students under one recipe, one run per seed (one process for all: start-up paid once)",
         (("--recipe",), {"required": True}),
-        (("--seed",), {"type": int, "action": "append", "required": True, "help": "training seed; repeat for several"}))
+        (("--seed",), {"type": int, "action": "append", "required": True, "help": "training seed; repeat for several"}),
+        tseed)
     cmd("tune", "the equal hyperparameter search of one recipe (train at every grid value, score on validation)",
         (("--recipe",), {"required": True}))
     cmd("evaluate", "evaluate a trained student, the teacher or the untrained student",
         (("--target",), {"required": True, "help": "a recipe name, 'teacher' or 'init'"}),
-        (("--seed",), {"type": int, "action": "append", "help": "training seed(s); repeat for several (default 0)"}))
+        (("--seed",), {"type": int, "action": "append", "help": "training seed(s); repeat for several (default 0)"}),
+        tseed)
     cmd("leaderboard", "aggregate the plan's records into leaderboards and plots under work/<suite>/leaderboard")
     cmd("publish", "copy work/<suite>/leaderboard into results/<suite> and regenerate the README's table")
     cmd("status", "what ran, failed or is stale in the work directory, and the top of the leaderboard")
@@ -106,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    suite = load_suite(args.config)
+    suite = load_suite(args.config).for_teacher(getattr(args, "teacher_seed", None))
     progress = not args.no_progress
     from .validate import validate_plan
 

@@ -132,7 +132,17 @@ class Fingerprints:
     def teacher(self) -> str:
         t = self.suite.teacher
         return digest({"up": self.tokenizer(), "teacher": t, "model": model_source_digest(t),
-                       "training": self.suite.raw.get("training"), "device": self.suite.device})
+                       "training": self.suite.raw.get("training"), "device": self.suite.device,
+                       "teacher_seed": self.suite.teacher_seed})
+
+    def for_teacher(self, seed: int | None) -> "Fingerprints":
+        """The fingerprints of the runs that distil from teacher ``seed`` (None: the primary)."""
+        if seed == self.suite.teacher_seed:
+            return self
+        return Fingerprints(self.suite.for_teacher(seed), self.recipes)
+
+    def teachers(self) -> list["Fingerprints"]:
+        return [self.for_teacher(t) for t in self.suite.teacher_seeds]
 
     def teacher_cache(self) -> str:
         return digest({"up": self.teacher(), "cache": self.suite.raw.get("teacher_cache"),
@@ -152,8 +162,8 @@ class Fingerprints:
         tuning = self.suite.tuning
         if lr_index is not None:
             hparams = {"learning_rate": tuning["learning_rate"][lr_index]}
-        elif tuning:
-            hparams = {"search": sorted(self.tuning_records(recipe).values())}
+        elif tuning:  # the search runs with the primary teacher; its choice holds for every teacher
+            hparams = {"search": sorted(self.for_teacher(None).tuning_records(recipe).values())}
         else:
             hparams = None
         return digest({"hparams": hparams,"teacher": self.teacher() if r.uses_teacher else None,
@@ -167,6 +177,8 @@ class Fingerprints:
         t = self.suite.tuning
         if not t:
             return {}
+        if not self.suite.primary_teacher:
+            return self.for_teacher(None).tuning_records(recipe)
         scoring = digest({"set": data_files_digest(t["set"]), "eval_seeds": t["eval_seeds"],
                           "evaluation": data_files_digest(self.suite.raw.get("evaluation")), **self.env})
         return {(i, s): digest({"up": self.run(recipe, s, lr_index=i), "scoring": scoring})
@@ -186,17 +198,21 @@ class Fingerprints:
         return digest({"up": up, "teacher": self.teacher(), "evaluation": self.evaluation()})
 
     def expected_records(self) -> dict[tuple[str, int], str]:
-        """``(target, seed) → fingerprint`` of every record the plan's leaderboard needs."""
+        """``(target, seed) → fingerprint`` of every record the plan's leaderboard needs from this teacher (the
+        untrained student's rows: with the primary teacher only)."""
         out = {(r, s): self.record(r, s) for r in self.recipes for s in self.suite.seeds}
         out[("teacher", 0)] = self.record("teacher", 0)
-        out.update({("init", s): self.record("init", s) for s in self.suite.seeds})
+        if self.suite.primary_teacher:
+            out.update({("init", s): self.record("init", s) for s in self.suite.seeds})
         return out
 
     def plan_digest(self) -> str:
         """One hash of the whole plan: every expected record's fingerprint, the suite's neutral keys that shape
         the leaderboard (baseline, sets), and the reporting code."""
         tuning = sorted(f"{r}/lr{i}/{s}/{fp}" for r in self.recipes for (i, s), fp in self.tuning_records(r).items())
-        return digest({"records": sorted(f"{t}/{s}/{fp}" for (t, s), fp in self.expected_records().items()),
+        records = sorted(f"{f.suite.teacher_seed}/{t}/{s}/{fp}" for f in self.teachers()
+                         for (t, s), fp in f.expected_records().items())
+        return digest({"records": records,
                        "tuning": tuning,
                        "baseline": self.suite.baseline, "report": report_code_digest(),
                        "primary": self.suite.evaluation["primary_metric"]})

@@ -32,21 +32,27 @@ def status(suite, top: int = 5) -> str:
     lines = [f"suite {suite.name!r} ({suite.origin}), work directory {suite.workdir}"]
     counts: dict[str, int] = {}
     details = []
-    for recipe in fp.recipes:
-        for seed in suite.seeds:
-            state, why = _state(suite.run_dir(recipe, seed) / "run.json", fp.run(recipe, seed))
-            counts[state] = counts.get(state, 0) + 1
-            if state in ("failed", "stale", "unreadable"):
-                details.append(f"  {recipe}/seed{seed}: {state}{': ' + why if why else ''}")
+    runs = {}  # a recipe without the teacher has one run per seed, whatever the teacher
+    for f in fp.teachers():
+        for recipe in fp.recipes:
+            for seed in suite.seeds:
+                runs.setdefault(f.suite.run_dir(recipe, seed), (f.run(recipe, seed), f"{recipe}/seed{seed}"
+                                + ("" if f.suite.primary_teacher else f" (teacher {f.suite.teacher_seed})")))
+    for run_dir, (expected, what) in runs.items():
+        state, why = _state(run_dir / "run.json", expected)
+        counts[state] = counts.get(state, 0) + 1
+        if state in ("failed", "stale", "unreadable"):
+            details.append(f"  {what}: {state}{': ' + why if why else ''}")
     total = sum(counts.values())
     lines.append(f"training runs: {total} planned — " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     lines += details[:30] + ([f"  … and {len(details) - 30} more"] if len(details) > 30 else [])
     rec_counts: dict[str, int] = {}
     sets = [s["name"] for s in suite.evaluation["sets"]]
-    for (target, seed), expected in fp.expected_records().items():
-        for name in sets:
-            state, _ = _state(suite.records_dir / target / f"seed{seed}" / f"{name}.json", expected)
-            rec_counts[state] = rec_counts.get(state, 0) + 1
+    for f in fp.teachers():
+        for (target, seed), expected in f.expected_records().items():
+            for name in sets:
+                state, _ = _state(f.suite.records_dir / target / f"seed{seed}" / f"{name}.json", expected)
+                rec_counts[state] = rec_counts.get(state, 0) + 1
     lines.append("evaluation records: " + ", ".join(f"{v} {k}" for k, v in sorted(rec_counts.items())))
     board = suite.leaderboard_dir / "leaderboard.csv"
     prov = suite.leaderboard_dir / "provenance.json"

@@ -155,7 +155,10 @@ def _sft(model, suite: Suite, tok, pretrain: dict, seed: int, name: str, progres
 
 def prepare_teacher(suite: Suite, progress: bool = True) -> Path:
     """The suite's teacher: a tiny model pre-trained here, an existing model fine-tuned here (``pretrain``,
-    MiniLLM's SFT teacher), or an existing model used as it is (a pointer, nothing copied)."""
+    MiniLLM's SFT teacher), or an existing model used as it is (a pointer, nothing copied).
+
+    ``suite.teacher_seed`` seeds the teacher's initialisation and data order (``teacher_seeds``: one teacher per
+    seed, each in its own directory)."""
     out = suite.teacher_dir
     marker = out / "teacher.json"
     tok = load_tokenizer(suite.tokenizer_dir)
@@ -171,11 +174,14 @@ def prepare_teacher(suite: Suite, progress: bool = True) -> Path:
     if _is_existing(entry):
         model = load_model(_model_source(entry, out), device=resolve_device(suite.device), dtype="float32")
     else:
-        model = build_tiny(entry, len(tok), seed=0, max_positions=_max_positions(suite), special_ids=_special_ids(tok))
-    result, cfg = _sft(model, suite, tok, dict(entry["pretrain"] or {}), 0, "teacher", progress)
+        model = build_tiny(entry, len(tok), seed=suite.teacher_seed, max_positions=_max_positions(suite),
+                           special_ids=_special_ids(tok))
+    name = "teacher" if suite.primary_teacher else f"teacher{suite.teacher_seed}"
+    result, cfg = _sft(model, suite, tok, dict(entry["pretrain"] or {}), suite.teacher_seed, name, progress)
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
-    write_json_atomic(marker, {"source": str(out), "trained_here": True, "costs": result.costs(),
+    write_json_atomic(marker, {"source": str(out), "trained_here": True, "teacher_seed": suite.teacher_seed,
+                               "costs": result.costs(),
                                "curve": result.curve, "train_config": cfg.__dict__})
     return marker
 
@@ -245,16 +251,66 @@ def build_teacher_cache(suite: Suite, progress: bool = True) -> Path:
     return suite.cache_path
 
 
-def distill(suite: Suite, recipe: Recipe, seed: int, progress: bool = True, lr_index: int | None = None) -> Path:
+def reusable_search_run(suite: Suite, recipe: Recipe, seed: int) -> Path | None:
+    """The search's run that IS this final run, or None.
+
+    A final run with the primary teacher, at a seed the search also trained, at the learning rate the search
+    chose, has exactly the inputs of that search run (same initial student, data order, teacher, recipe, budget
+    and learning rate; the fingerprints say so), so training it again would repeat the same computation. Only a
+    successful search run whose fingerprint matches the plan's and whose model is complete qualifies.
+    """
+    t = suite.tuning
+    if not t or not suite.primary_teacher or seed not in t["seeds"] or not suite.chosen_path(recipe.name).exists():
+        return None
+    lr = read_json(suite.chosen_path(recipe.name))["learning_rate"]
+    if lr not in t["learning_rate"]:
+        return None
+    index = t["learning_rate"].index(lr)
+    src = suite.tune_run_dir(recipe.name, index, seed)
+    if not (src / "run.json").exists() or not (src / "model" / "config.json").exists():
+        return None
+    run = read_json(src / "run.json")
+    want = Fingerprints(suite, {recipe.name: recipe}).run(recipe.name, seed, index)
+    return src if run.get("status") == "ok" and run.get("fingerprint") == want else None
+
+
+def _reuse_search_run(suite: Suite, recipe: Recipe, seed: int, src: Path, out: Path) -> Path:
+    """Copy a search run (model and run.json) as the final run; run.json keeps its costs and says where from."""
+    import shutil
+
+    run = read_json(src / "run.json")
+    tmp = out / "model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src / "model", tmp)
+    shutil.rmtree(out / "model", ignore_errors=True)
+    tmp.replace(out / "model")
+    fingerprint = Fingerprints(suite, {recipe.name: recipe}).run(recipe.name, seed)
+    log.info("%s/seed%d: the search's run at learning rate %s is this run (same inputs); reused from %s",
+             recipe.name, seed, (run.get("hparams") or {}).get("learning_rate"), src)
+    write_json_atomic(out / "run.json", {**run, "phase": "final", "fingerprint": fingerprint,
+                                         "teacher_seed": suite.teacher_seed if recipe.uses_teacher else None,
+                                         "reused_from": str(src)})
+    return out
+
+
+def distill(suite: Suite, recipe: Recipe, seed: int, progress: bool = True, lr_index: int | None = None,
+            reuse_search: bool = True) -> Path:
     """Train the seed's initial student under one recipe; save the student and ``run.json``.
 
     ``lr_index``: a run of the hyperparameter search, at grid value ``tuning.learning_rate[lr_index]`` (written
     under ``workdir/tuning``). Otherwise, with a search in the suite, the run uses the learning rate the search
     chose for this recipe (:func:`tune`). A failed run (diverged, or nothing trained) writes ``run.json`` with
     ``status: failed`` and the reason, so the pipeline goes on and the leaderboard lists it as failed.
+
+    ``reuse_search``: a final run that the search already trained with the same inputs
+    (:func:`reusable_search_run`) is copied from it rather than trained again.
     """
     out = suite.run_dir(recipe.name, seed) if lr_index is None else suite.tune_run_dir(recipe.name, lr_index, seed)
     out.mkdir(parents=True, exist_ok=True)
+    if lr_index is None and reuse_search and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        src = reusable_search_run(suite, recipe, seed)
+        if src is not None:
+            return _reuse_search_run(suite, recipe, seed, src, out)
     device = resolve_device(suite.device)
     tok = load_tokenizer(suite.tokenizer_dir)
     student = load_model(suite.student_init_dir(seed), device=device, dtype="float32")
@@ -288,6 +344,7 @@ def distill(suite: Suite, recipe: Recipe, seed: int, progress: bool = True, lr_i
     fingerprint = Fingerprints(suite, {recipe.name: recipe}).run(recipe.name, seed, lr_index)
     t0 = time.perf_counter()
     common = {"suite": suite.name, "recipe": recipe.name, "seed": seed, "fingerprint": fingerprint, "hparams": hparams,
+              "teacher_seed": suite.teacher_seed if recipe.uses_teacher else None,
               "phase": "tune" if lr_index is not None else "final",
               "recipe_config": recipe.to_dict(), "loss": repr(loss), "train_config": cfg.__dict__, "device": device,
               "machine": machine(device), "git_rev": git_revision(), "versions": versions()}
@@ -340,6 +397,7 @@ def tune(suite: Suite, recipe: Recipe, progress: bool = True) -> Path:
     from .evaluation.evaluate_run import evaluate_model
     from .report.metric_info import is_higher_better
 
+    suite = suite.for_teacher(None)  # the search distils from the primary teacher; its choice holds for all
     t = suite.tuning
     if not t:
         raise ValueError(f"{suite.origin}: the suite has no 'tuning' section")
@@ -461,6 +519,8 @@ def evaluate(suite: Suite, target: str, seeds: int | list[int], progress: bool =
     """
     from .evaluation.evaluate_run import evaluate_model
 
+    if target == "init" and not suite.primary_teacher:
+        raise ValueError("the untrained student is evaluated against the primary teacher only")
     device = resolve_device(suite.device)
     sets = eval_sets(suite)
     tok = load_tokenizer(suite.tokenizer_dir)
@@ -475,6 +535,7 @@ def evaluate(suite: Suite, target: str, seeds: int | list[int], progress: bool =
     for seed in [seeds] if isinstance(seeds, int) else seeds:
         source, role, run = _target_model_dir(suite, target, seed)
         base = {"suite": suite.name, "recipe": target, "seed": seed, "role": role, "phase": "final",
+                "teacher_seed": suite.teacher_seed,
                 "hparams": run.get("hparams"),
                 "fingerprint": fingerprints.record(target, seed), "git_rev": git_revision(),
                 "versions": versions(), "device": device, "machine": machine(device),
@@ -505,11 +566,17 @@ def evaluate(suite: Suite, target: str, seeds: int | list[int], progress: bool =
 
 
 # ----------------------------------------------------------------------------------------------- leaderboard
-def expected_runs(suite: Suite) -> list[tuple[str, int, str]]:
+def expected_runs(suite: Suite) -> list[tuple[str, int, str, int]]:
+    """``(target, seed, eval set, teacher seed)`` of every record the leaderboard needs: each recipe and the
+    teacher with every teacher; the untrained student with the primary teacher."""
     sets = [s["name"] for s in suite.evaluation["sets"]]
-    targets = [(r, s) for r in suite.recipes() for s in suite.seeds] + [("teacher", 0)]
-    targets += [("init", s) for s in suite.seeds]
-    return [(t, s, x) for t, s in targets for x in sets]
+    out = []
+    for view in suite.teachers():
+        targets = [(r, s) for r in suite.recipes() for s in suite.seeds] + [("teacher", 0)]
+        if view.primary_teacher:
+            targets += [("init", s) for s in suite.seeds]
+        out += [(t, s, x, view.teacher_seed) for t, s in targets for x in sets]
+    return out
 
 
 def select_records(suite: Suite, fingerprints: Fingerprints | None = None) -> tuple[list[Path], list[str]]:
@@ -519,17 +586,17 @@ def select_records(suite: Suite, fingerprints: Fingerprints | None = None) -> tu
     configurations that the plan no longer holds cannot enter the leaderboard.
     """
     fingerprints = fingerprints or Fingerprints(suite)
-    expected = fingerprints.expected_records()
+    expected = {f.suite.teacher_seed: f.expected_records() for f in fingerprints.teachers()}
     chosen, left_out = [], []
-    for target, seed, name in expected_runs(suite):
-        path = record_path(suite, target, seed, name)
+    for target, seed, name, tseed in expected_runs(suite):
+        path = record_path(suite.for_teacher(tseed), target, seed, name)
+        what = f"{target} seed {seed}" + ("" if tseed == suite.teacher_seeds[0] else f" teacher {tseed}")
         if not path.exists():
-            left_out.append(f"{target} seed {seed} [{name}]: missing ({path})")
+            left_out.append(f"{what} [{name}]: missing ({path})")
             continue
-        found = read_json(path).get("fingerprint")
-        if found != expected[(target, seed)]:
-            left_out.append(f"{target} seed {seed} [{name}]: stale, made by other inputs "
-                            f"(fingerprint {found}, the plan's is {expected[(target, seed)]})")
+        found, want = read_json(path).get("fingerprint"), expected[tseed][(target, seed)]
+        if found != want:
+            left_out.append(f"{what} [{name}]: stale, made by other inputs (fingerprint {found}, the plan's is {want})")
             continue
         chosen.append(path)
     for recipe in fingerprints.recipes:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,11 @@ SUITE_SCHEMA = {
     "recipes": Field((list, type(None)), None, help="recipe names; null = every recipe in recipes_dir"),
     "baseline": Field((str,), "sft", help="the recipe every other is compared with (paired differences)"),
     "seeds": Field((list,), [1, 2, 3], min_len=1, help="training seeds: the initial student and data order"),
+    "teacher_seeds": Field((list,), [0], min_len=1,
+                           help="seeds of the teachers trained here (init and data order); every final run is repeated "
+                                "with each, so the leaderboard says whether the ranking holds across teachers. The "
+                                "first is the primary teacher: the search, the untrained student's row and the "
+                                "published plots use it"),
     "device": Field((str,), "auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps"),
     "num_processes": Field((int,), 1, ge=1, help="processes per distill run (accelerate launch when > 1)"),
     "distill_jobs": Field((str,), "per_run", choices=("per_run", "per_recipe"),
@@ -178,9 +184,38 @@ class Suite:
     evaluation: dict
     raw: dict = field(repr=False, default_factory=dict)
     origin: str = ""  # the user's suite file (errors name it)
+    teacher_seeds: list[int] = field(default_factory=lambda: [0])
+    teacher_seed: int | None = None  # the teacher this view of the suite distils from (None: the primary)
+
+    def __post_init__(self):
+        if self.teacher_seed is None:
+            self.teacher_seed = self.teacher_seeds[0]
 
     def recipes(self) -> dict[str, Recipe]:
         return discover(self.recipes_dir, self.recipe_names)
+
+    # --- teachers: the primary keeps the plain layout; another teacher's outputs carry its seed ---
+    @property
+    def primary_teacher(self) -> bool:
+        return self.teacher_seed == self.teacher_seeds[0]
+
+    def for_teacher(self, seed: int | None) -> "Suite":
+        """This suite as seen by the runs that distil from teacher ``seed`` (None: the primary teacher)."""
+        if seed is not None and seed not in self.teacher_seeds:
+            raise ConfigError(f"{self.origin}: teacher seed {seed} is not in 'teacher_seeds' {self.teacher_seeds}")
+        return replace(self, teacher_seed=self.teacher_seeds[0] if seed is None else int(seed))
+
+    def teachers(self) -> list["Suite"]:
+        """One view per teacher seed, the primary first."""
+        return [self.for_teacher(t) for t in self.teacher_seeds]
+
+    @property
+    def _tsuffix(self) -> str:
+        return "" if self.primary_teacher else f"-teacher{self.teacher_seed}"
+
+    @cached_property
+    def _teacher_free(self) -> set[str]:
+        return {name for name, r in self.recipes().items() if not r.uses_teacher}
 
     # --- where each step writes (the Snakefile uses the same layout) ---
     def data_path(self, split: str) -> Path:
@@ -192,21 +227,23 @@ class Suite:
 
     @property
     def teacher_dir(self) -> Path:
-        return self.workdir / "teacher"
+        return self.workdir / ("teacher" if self.primary_teacher else f"teacher{self.teacher_seed}")
 
     def student_init_dir(self, seed: int) -> Path:
         return self.workdir / "student_init" / f"seed{seed}"
 
     def run_dir(self, recipe: str, seed: int) -> Path:
-        return self.workdir / "runs" / recipe / f"seed{seed}"
+        """A final run. A recipe that does not use the teacher has one run per seed, whatever the teacher."""
+        shared = self.primary_teacher or recipe in self._teacher_free
+        return self.workdir / ("runs" if shared else f"runs{self._tsuffix}") / recipe / f"seed{seed}"
 
     @property
     def records_dir(self) -> Path:
-        return self.workdir / "records"
+        return self.workdir / f"records{self._tsuffix}"
 
     @property
     def cache_path(self) -> Path:
-        return self.workdir / "teacher_cache.pt"
+        return self.workdir / f"teacher_cache{self._tsuffix}.pt"
 
     def tune_run_dir(self, recipe: str, index: int, seed: int) -> Path:
         """A run of the hyperparameter search: grid value ``index`` of ``tuning.learning_rate``."""
@@ -284,6 +321,13 @@ def load_suite(path: str | Path) -> Suite:
         if t["set"] not in names:
             raise ConfigError(f"{where}: key 'evaluation.lm_eval.tasks[{i}].set' names {t['set']!r}, which is not an "
                               f"evaluation set; sets: {', '.join(names)}")
+    tseeds = top["teacher_seeds"]
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in tseeds) or len(set(tseeds)) != len(tseeds):
+        raise ConfigError(f"{where}: key 'teacher_seeds' must be a list of distinct integers >= 0, got {tseeds!r}")
+    if len(tseeds) > 1 and (teacher["path"] or teacher["hub"]) and not teacher["pretrain"]:
+        raise ConfigError(f"{where}: key 'teacher_seeds' lists {len(tseeds)} seeds, but the teacher is an existing "
+                          "model used as it is (no 'teacher.pretrain'): every seed would be the same teacher; use "
+                          "one seed, or fine-tune the teacher here")
     seeds = top["seeds"]
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise ConfigError(f"{where}: key 'seeds' must be a non-empty list of integers, got {seeds!r}")
@@ -321,5 +365,5 @@ def load_suite(path: str | Path) -> Suite:
         seeds=list(seeds), device=top["device"], num_processes=top["num_processes"],
         threads_per_job=top["threads_per_job"], distill_jobs=top["distill_jobs"], tuning=tuning, teacher_cache=cache, data=data,
         tokenizer=tokenizer, teacher=teacher, student=student, training=training, evaluation=evaluation,
-        raw=raw, origin=where,
+        raw=raw, origin=where, teacher_seeds=list(tseeds),
     )

@@ -34,9 +34,11 @@ def snakemake(*args, cwd=REPO, check=True):
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("smoke")
+    (tmp / "two-teachers.yaml").write_text("teacher_seeds: [0, 1]\n")  # the smoke suite with a second teacher
     overrides = ["--config", f"workdir={tmp / 'work'}", f"results={tmp / 'results'}"]
-    snakemake("--cores", "2", "--configfile", "config/smoke.yaml", *overrides)
-    return tmp, overrides
+    configs = ["--configfile", "config/smoke.yaml", str(tmp / "two-teachers.yaml")]
+    snakemake("--cores", "2", *configs, *overrides)
+    return tmp, [*configs, *overrides]
 
 
 @pytest.mark.slow
@@ -57,6 +59,29 @@ def test_smoke_suite_writes_a_leaderboard_under_work_only(smoke_run):
     # every record carries metrics and costs; the same data order and budget for every recipe
     runs = [json.loads(p.read_text()) for p in (tmp / "work" / "runs").glob("*/seed*/run.json")]
     assert len(runs) == 3 * 2
+    # the second teacher: its own weights; every teacher-using recipe trained again with it, SFT once
+    import torch
+    from safetensors.torch import load_file
+
+    w0, w1 = (load_file(tmp / "work" / d / "model.safetensors") for d in ("teacher", "teacher1"))
+    assert w0.keys() == w1.keys() and any(not torch.equal(w0[k], w1[k]) for k in w0)
+    again = {p.parent.parent.name: json.loads(p.read_text())
+             for p in (tmp / "work" / "runs-teacher1").glob("*/seed1/run.json")}
+    assert sorted(again) == ["fkl", "srkl"]
+    assert again["fkl"]["teacher_seed"] == 1 and json.loads(
+        (tmp / "work" / "runs" / "fkl" / "seed1" / "run.json").read_text())["teacher_seed"] == 0
+    assert again["fkl"]["fingerprint"] != json.loads(
+        (tmp / "work" / "runs" / "fkl" / "seed1" / "run.json").read_text())["fingerprint"]
+    for target in ("sft", "fkl", "teacher"):
+        seed = 0 if target == "teacher" else 2
+        rec = json.loads((tmp / "work" / "records-teacher1" / target / f"seed{seed}" / "test.json").read_text())
+        assert rec["teacher_seed"] == 1 and rec["status"] == "ok", target
+    assert not (tmp / "work" / "records-teacher1" / "init").exists()  # the untrained student: primary only
+    assert rows["fkl"]["Teachers"] == "2" and rows["fkl"]["n runs"] == "4" and rows["init"]["n runs"] == "2"
+    per_teacher = list(csv.DictReader((results / "teachers.csv").open()))
+    assert {(r["recipe"], r["teacher_seed"]) for r in per_teacher} >= {("fkl", "0"), ("fkl", "1"), ("sft", "1")}
+    assert "## Per teacher" in (results / "leaderboard.md").read_text()
+    assert "0 vs 1" in (results / "leaderboard.md").read_text()  # the rank correlation between the teachers
     assert len({(r["costs"]["steps"], r["costs"]["samples"]) for r in runs}) == 1
     for seed in (1, 2):
         tokens = {r["costs"]["tokens"] for r in runs if r["seed"] == seed}
@@ -87,7 +112,7 @@ def test_publish_then_check_reports_reproduced(smoke_run):
     import yaml
 
     d = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
-    d.update(workdir=str(tmp / "work"), results=str(tmp / "results"), origin="config/smoke.yaml")
+    d.update(workdir=str(tmp / "work"), results=str(tmp / "results"), origin="config/smoke.yaml", teacher_seeds=[0, 1])
     cfg.write_text(yaml.safe_dump(d))
     run = lambda *a: subprocess.run([sys.executable, "-m", "harness.cli", *a, "--config", str(cfg)], cwd=REPO,
                                     capture_output=True, text=True, env=_env(), timeout=300)
@@ -103,14 +128,14 @@ def test_publish_then_check_reports_reproduced(smoke_run):
 @pytest.mark.slow
 def test_a_rerun_after_success_does_nothing(smoke_run):
     _, overrides = smoke_run
-    out = snakemake("-n", "--configfile", "config/smoke.yaml", *overrides)
+    out = snakemake("-n", *overrides)
     assert "Nothing to be done" in out.stdout + out.stderr
 
 
 @pytest.mark.slow
 def test_report_is_an_html_file_with_the_plots(smoke_run):
     tmp, overrides = smoke_run
-    snakemake("--configfile", "config/smoke.yaml", *overrides, "--report", str(tmp / "report.html"))
+    snakemake(*overrides, "--report", str(tmp / "report.html"))
     assert (tmp / "report.html").stat().st_size > 10_000
 
 
