@@ -49,7 +49,7 @@ def _context(model) -> int | None:
 
 def mixed_sample_rows(student, teacher, prompts: Sequence[Sequence[int]], *, mix_alpha: float, eos_id: int,
                       pad_id: int, temperature: float, max_new_tokens: int | None, max_length: int,
-                      seed: int) -> list[dict]:
+                      seed: int, timings: dict | None = None) -> list[dict]:
     """Sample one response per prompt from the token-level mixture ``(1 − α)·q + α·p`` (q: student, p: teacher,
     both ``softmax(logits / temperature)``), batched, with a KV cache for each model; return rows.
 
@@ -60,7 +60,8 @@ def mixed_sample_rows(student, teacher, prompts: Sequence[Sequence[int]], *, mix
     ``prompt + sample cut after its first eos`` with ``prompt_len``, ``sample_len``, ``ended_with_eos`` and, per
     sampled token (length ``sample_len``): ``student_logprobs`` (log q(y_t)), ``teacher_logprobs`` (log p(y_t))
     and ``mix_weight`` = ``q(y_t) / ((1 − α) q(y_t) + α p(y_t))``, MiniLLM's importance weight of the token.
-    A vocabulary narrower than the other model's is padded with zero-probability columns.
+    A vocabulary narrower than the other model's is padded with zero-probability columns. ``timings``: a dict
+    whose ``student_s`` / ``teacher_s`` get the seconds of each model's forwards added (synchronised on CUDA).
     """
     if not prompts:
         raise ValueError("mixed_sample_rows needs at least one prompt")
@@ -111,7 +112,13 @@ def mixed_sample_rows(student, teacher, prompts: Sequence[Sequence[int]], *, mix
                         kwargs["position_ids"] = step_pos
                     if takes_keep:
                         kwargs["logits_to_keep"] = 1
+                    start = time.perf_counter()
                     out = m(**kwargs)
+                    if timings is not None:
+                        if device.type == "cuda":
+                            torch.cuda.synchronize(device)
+                        key = ("student_s", "teacher_s")[k]
+                        timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
                     past[k] = _cache_of(out)
                     logps.append(torch.log_softmax(out.logits[:, -1, :].float() / temperature, dim=-1))
                 log_q, log_p = logps
@@ -191,16 +198,18 @@ class MiniLLMSampling(SamplingSource):
             raise ValueError(f"{self.name}: top_k/top_p filtering is not supported (set top_k 0, top_p 1.0)")
         self.mix_alpha, self.reference_rows = float(mix_alpha), bool(reference_rows)
         self.weights = {"sum": 0.0, "min": None, "max": None}
+        self.timings["teacher_generation_s"] = 0.0  # the teacher's forwards inside the mixed sampling
 
     def _mixed_rows(self, batch: dict, i: int) -> list[dict]:
         ids, plen = batch["input_ids"], batch["prompt_len"]
         prompts = [ids[b, : int(plen[b])].tolist() for b in range(ids.shape[0])]
-        start = time.perf_counter()
+        start, split = time.perf_counter(), {}
         rows = mixed_sample_rows(self.ctx.student, self.ctx.teacher, prompts, mix_alpha=self.mix_alpha,
                                  eos_id=self.eos_id, pad_id=self.pad_id, temperature=self.temperature,
                                  max_new_tokens=self.ctx.max_new_tokens, max_length=self.ctx.max_length,
-                                 seed=torch_seed(self.ctx.seed, i, STREAM_GENERATE))
+                                 seed=torch_seed(self.ctx.seed, i, STREAM_GENERATE), timings=split)
         self._time("generation_s", time.perf_counter() - start)
+        self._time("teacher_generation_s", split.get("teacher_s", 0.0))
         self.sampled["samples"] += len(rows)
         self.sampled["tokens"] += sum(r["sample_len"] for r in rows)
         self.sampled["ended_with_eos"] += sum(r["ended_with_eos"] for r in rows)
@@ -238,6 +247,7 @@ class MiniLLMSampling(SamplingSource):
         seconds, tokens = self.timings["generation_s"], self.sampled["tokens"]
         out["generation"] = {
             "mixed_generation_s": round(seconds, 4),
+            "teacher_generation_s": round(self.timings["teacher_generation_s"], 4),  # part of mixed_generation_s
             "student_generated_tokens": tokens,  # tokens of the responses trained on (drawn from the mixture)
             "student_tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
             "mix_alpha": self.mix_alpha,
