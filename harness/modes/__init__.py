@@ -11,6 +11,8 @@ Each mode is one :class:`BatchSource` subclass that declares its parameters (``p
 ``seq_kd``                 teacher samples, or student samples for a fraction λ (TRL ``GKDTrainer`` with
                            ``seq_kd=True``) (:mod:`.seq_kd`)
 ``distillm2``              a teacher and a student sample per prompt, for DistiLLM-2's loss (:mod:`.distillm2`)
+``minillm``                samples from the teacher-student mixture + the reference rows, for MiniLLM's loss
+                           (:mod:`.minillm`)
 =========================  ===================================================================================
 
 The harness uses :func:`check_params` (recipe validation), :func:`needs_student_samples` /
@@ -27,12 +29,13 @@ from .on_policy import OnPolicy
 from .adaptive import AdaptiveOffPolicy, AdaptiveThreshold, choose_source, sgo_threshold
 from .seq_kd import SeqKD, TeacherSampling
 from .distillm2 import DistiLLM2Pairs
+from .minillm import MiniLLMSampling, mixed_sample_rows
 from .validation import validation_loss
 from .compat import batch_source
 
 __all__ = [
-    "SOURCES", "AdaptiveOffPolicy", "DistiLLM2Pairs", "AdaptiveThreshold", "BatchSource", "ModeContext", "OffPolicy", "OnPolicy",
+    "SOURCES", "AdaptiveOffPolicy", "DistiLLM2Pairs", "MiniLLMSampling", "AdaptiveThreshold", "BatchSource", "ModeContext", "OffPolicy", "OnPolicy",
     "ReplayBuffer", "SamplingSource", "SeqKD", "TeacherSampling", "available", "batch_source", "build", "card", "check_params", "choose_source",
-    "get", "needs_student_samples", "needs_val_loss", "params", "register_mode", "sample_rows", "sgo_threshold",
+    "get", "mixed_sample_rows", "needs_student_samples", "needs_val_loss", "params", "register_mode", "sample_rows", "sgo_threshold",
     "validation_loss",
 ]

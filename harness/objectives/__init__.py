@@ -388,3 +388,4 @@ def get(name: str, **params) -> Objective:
 __all__ = ["Objective", "ObjectiveError", "ObjectiveSpec", "available", "describe", "get", "register", "spec"]
 from . import sequence as _sequence  # noqa: E402,F401  (registers the sequence-level objectives)
 from . import uld as _uld  # noqa: E402,F401  (registers "uld": Universal Logit Distillation)
+from . import minillm as _minillm  # noqa: E402,F401  (registers "minillm": MiniLLM's policy-gradient loss)
