@@ -105,8 +105,8 @@ rule data:
 
 rule tokenizer:
     input: W / "data" / "train.jsonl"
-    output: W / "tokenizer" / "tokenizer.json"
-    params: fp=FP.tokenizer()
+    output: [W / "tokenizer" / "tokenizer.json"] + ([SUITE.student_tokenizer_dir / "tokenizer.json"] if SUITE.cross_tokenizer else [])
+    params: fp=FP.tokenizer(), student=digest(SUITE.student["tokenizer"])  # the student's own tokenizer, if any
     log: W / "logs" / "tokenizer.log"
     shell: "{CLI} tokenizer {ARGS} > {log} 2>&1"
 

@@ -33,6 +33,8 @@ def reference() -> str:
            "", "### `data:`", "", *_table(suite.DATA_SCHEMA, "data."), "",
            "### `tokenizer:`", "", *_table(suite.TOKENIZER_SCHEMA, "tokenizer."), "",
            "### `teacher:` and `student:`", "", *_table(suite.MODEL_SCHEMA, "teacher."), "",
+           "### `student.tokenizer:` (a student with its own tokenizer: harness.cross_tokenizer)", "",
+           *_table(suite.STUDENT_TOKENIZER_SCHEMA, "student.tokenizer."), "",
            "### `training:` (the same for every recipe of the suite)", "", *_table(suite.TRAIN_FIELDS, "training."), "",
            "### `teacher_cache:`", "", *_table(teacher_cache.CACHE_SCHEMA, "teacher_cache."), "",
            "### `evaluation:`", "", *_table(suite.EVAL_SCHEMA, "evaluation."), "",

@@ -76,9 +76,9 @@ def _encoded_train(tokenizer_dir: str, max_prompt: int, max_length: int,
     return [batching.encode(tokenizer, item, max_prompt, max_length) for item in items]
 
 
-def encoded_train(suite: Suite) -> list[dict]:
+def encoded_train(suite: Suite, tokenizer_dir: Path | None = None) -> list[dict]:
     cfg = suite.training
-    return _encoded_train(str(suite.tokenizer_dir), cfg.max_prompt_tokens, cfg.max_length,
+    return _encoded_train(str(tokenizer_dir or suite.tokenizer_dir), cfg.max_prompt_tokens, cfg.max_length,
                           str(suite.data_path("train")))
 
 
@@ -113,6 +113,10 @@ def prepare_data(suite: Suite) -> dict[str, Path]:
 def prepare_tokenizer(suite: Suite):
     """Train the suite's tokenizer on the training data, or save the named one, into ``workdir/tokenizer``."""
     spec = suite.tokenizer
+    if suite.cross_tokenizer:  # the student's own tokenizer too (harness.cross_tokenizer)
+        from .cross_tokenizer import prepare_student_tokenizer
+
+        prepare_student_tokenizer(suite)
     if spec["path"] or spec["hub"]:
         from transformers import AutoTokenizer
 
@@ -142,12 +146,12 @@ def _is_existing(entry: dict) -> bool:
     return bool(entry["path"] or entry["hub"] or not entry["arch"])
 
 
-def _sft(model, suite: Suite, tok, pretrain: dict, seed: int, name: str, progress: bool):
+def _sft(model, suite: Suite, tok, pretrain: dict, seed: int, name: str, progress: bool, tokenizer_dir=None):
     """Supervised fine-tuning on the suite's training data with the same loop (objective ``ce``)."""
     device = resolve_device(suite.device)
     cfg = TrainConfig(**{**suite.training.__dict__, **pretrain, "device": device, "chunk_size": None,
                          "checkpoint_every": 0})
-    examples = encoded_train(suite)
+    examples = encoded_train(suite, tokenizer_dir)
     result = train(model, reference_batches(suite, examples, tok.pad_token_id, seed=seed), cfg, seed=seed,
                    objective=get_objective("ce"), name=name, progress=progress)
     return result, cfg
@@ -200,7 +204,7 @@ def init_student(suite: Suite, seed: int, progress: bool = True) -> Path:
     """The initial student of a training seed, the same for every recipe: a tiny model initialised with the
     seed, or an existing model, optionally fine-tuned first (``pretrain``: MiniLLM's / DistiLLM's SFT init)."""
     out = suite.student_init_dir(seed)
-    tok = load_tokenizer(suite.tokenizer_dir)
+    tok = load_tokenizer(suite.student_tokenizer_dir)
     entry = suite.student
     if _is_existing(entry):
         model = load_model(_model_source(entry, out), device=resolve_device(suite.device), dtype="float32")
@@ -208,7 +212,8 @@ def init_student(suite: Suite, seed: int, progress: bool = True) -> Path:
         model = build_tiny(entry, len(tok), seed=seed, max_positions=_max_positions(suite),
                            special_ids=_special_ids(tok))
     if entry["pretrain"]:
-        _sft(model, suite, tok, dict(entry["pretrain"]), seed, f"student-init/seed{seed}", progress)
+        _sft(model, suite, tok, dict(entry["pretrain"]), seed, f"student-init/seed{seed}", progress,
+             suite.student_tokenizer_dir)
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
     return out
@@ -312,7 +317,7 @@ def distill(suite: Suite, recipe: Recipe, seed: int, progress: bool = True, lr_i
         if src is not None:
             return _reuse_search_run(suite, recipe, seed, src, out)
     device = resolve_device(suite.device)
-    tok = load_tokenizer(suite.tokenizer_dir)
+    tok = load_tokenizer(suite.student_tokenizer_dir)
     student = load_model(suite.student_init_dir(seed), device=device, dtype="float32")
     if recipe.dropout == "disable":
         disable_dropout(student)
@@ -327,7 +332,11 @@ def distill(suite: Suite, recipe: Recipe, seed: int, progress: bool = True, lr_i
     if getattr(modes.get(recipe.mode, recipe.base_dir), "generates_with_teacher", False):  # samples the teacher
         check_same_tokenizer(teacher_tokenizer(suite), tok)
         teacher_model = load_model(teacher_source(suite), device=device)
-    if loss.needs_teacher:
+    if loss.needs_teacher and suite.cross_tokenizer:  # the teacher scores its own tokens live (harness.cross_tokenizer)
+        from . import cross_tokenizer
+
+        loss, teacher_fn, teacher_model = cross_tokenizer.teacher_side(suite, loss, device)
+    elif loss.needs_teacher:
         check_same_tokenizer(teacher_tokenizer(suite), tok)
         cached = cache_settings(suite) is not None and suite.cache_path.exists()
         # A cached off-policy run never needs the teacher's weights; other modes score student samples live.
@@ -340,7 +349,10 @@ def distill(suite: Suite, recipe: Recipe, seed: int, progress: bool = True, lr_i
             teacher_fn = cached_or_live(TeacherCache.load(suite.cache_path), live)
         else:
             teacher_fn = live
-    examples = encoded_train(suite)
+    examples = encoded_train(suite, suite.student_tokenizer_dir)
+    reference = reference_batches(suite, examples, tok.pad_token_id, seed)
+    if loss.needs_teacher and suite.cross_tokenizer:
+        reference = cross_tokenizer.paired_reference(suite, reference, tok, teacher_tokenizer(suite))
     fingerprint = Fingerprints(suite, {recipe.name: recipe}).run(recipe.name, seed, lr_index)
     t0 = time.perf_counter()
     common = {"suite": suite.name, "recipe": recipe.name, "seed": seed, "fingerprint": fingerprint, "hparams": hparams,
@@ -350,7 +362,7 @@ def distill(suite: Suite, recipe: Recipe, seed: int, progress: bool = True, lr_i
               "machine": machine(device), "git_rev": git_revision(), "versions": versions()}
     valid_items = load_jsonl(suite.data_path("valid"), name="valid")[:64] if suite.data_path("valid").exists() else []
     ctx = modes.ModeContext(  # what a training mode may use: reference batches, the student, budgets
-        reference=reference_batches(suite, examples, tok.pad_token_id, seed), student=student, tokenizer=tok,
+        reference=reference, student=student, tokenizer=tok,
         pad_id=tok.pad_token_id, seed=seed, max_steps=cfg.max_steps, grad_accum=cfg.gradient_accumulation_steps,
         world_size=int(os.environ.get("WORLD_SIZE", "1")), batch_size=cfg.per_device_train_batch_size,
         n_train=len(examples), max_length=cfg.max_length, max_new_tokens=cfg.max_new_tokens, teacher=teacher_model,
@@ -403,7 +415,7 @@ def tune(suite: Suite, recipe: Recipe, progress: bool = True) -> Path:
         raise ValueError(f"{suite.origin}: the suite has no 'tuning' section")
     fps = Fingerprints(suite, {recipe.name: recipe}).tuning_records(recipe.name)
     device = resolve_device(suite.device)
-    tok = load_tokenizer(suite.tokenizer_dir)
+    tok = load_tokenizer(suite.student_tokenizer_dir)
     name = t["set"].get("name", "valid")
     items = load_eval_set(eval_set_spec(suite, t["set"]), where=suite.origin, key="tuning.set")
     items = items[: suite.evaluation["max_items"]]
@@ -523,13 +535,14 @@ def evaluate(suite: Suite, target: str, seeds: int | list[int], progress: bool =
         raise ValueError("the untrained student is evaluated against the primary teacher only")
     device = resolve_device(suite.device)
     sets = eval_sets(suite)
-    tok = load_tokenizer(suite.tokenizer_dir)
+    tok = load_tokenizer(suite.tokenizer_dir if target == "teacher" else suite.student_tokenizer_dir)
     ev = suite.evaluation
     gen_cfg = {k: ev[k] for k in ("do_sample", "temperature", "top_p", "top_k", "no_repeat_ngram_size",
                                   "max_prompt_tokens", "max_length", "max_new_tokens", "batch_size")}
     tasks, lm_kwargs = lm_eval_tasks(suite, sets)
     held_out = {name: held_out_batches(suite, tok, items) for name, items in sets.items()}
-    teacher = None if target == "teacher" else load_model(teacher_source(suite), device=device)
+    # teacher-agreement metrics need a shared tokenizer: none for a student with its own
+    teacher = None if target == "teacher" or suite.cross_tokenizer else load_model(teacher_source(suite), device=device)
     fingerprints = Fingerprints(suite)
     paths = []
     for seed in [seeds] if isinstance(seeds, int) else seeds:

@@ -58,6 +58,9 @@ MODEL_SCHEMA = {
     "hub": Field((str,), None, help="Hugging Face hub id (needs a network)"),
     "dtype": Field((str,), "auto", choices=("auto", "float32", "bfloat16", "float16")),
     "pretrain": Field((dict,), None, help="training budget when the harness trains this model itself"),
+    "tokenizer": Field((dict, type(None)), None,
+                       help="student only: its own tokenizer (see student.tokenizer:); default: the suite's "
+                            "tokenizer, the teacher's"),
 }
 
 DATA_SCHEMA = {
@@ -75,6 +78,15 @@ TOKENIZER_SCHEMA = {
     "vocab_size": Field((int,), 1000, ge=16, help="size of a tokenizer trained on the training data"),
     "path": Field((str,), None, help="use a saved tokenizer (local dir) instead"),
     "hub": Field((str,), None, help="a tokenizer's Hugging Face hub id (needs a network)"),
+}
+
+#: ``student.tokenizer``: a student with its own tokenizer (cross-tokenizer distillation, harness.cross_tokenizer)
+STUDENT_TOKENIZER_SCHEMA = {
+    **TOKENIZER_SCHEMA,
+    "vocab_size": Field((int,), 1000, ge=259, help="size of the student's tokenizer trained on the training data"),
+    "alignment": Field((str,), "index", choices=("index", "text"),
+                       help="pairing of response positions across tokenizers: index (in order, truncated to the "
+                            "shorter answer: released ULD) or text (GOLD's groups at shared byte boundaries)"),
 }
 
 EVAL_SCHEMA = {
@@ -226,6 +238,16 @@ class Suite:
         return self.workdir / "tokenizer"
 
     @property
+    def cross_tokenizer(self) -> bool:
+        """Whether the student has its own tokenizer (``student.tokenizer``; see harness.cross_tokenizer)."""
+        return self.student.get("tokenizer") is not None
+
+    @property
+    def student_tokenizer_dir(self) -> Path:
+        """The student's tokenizer: its own (``workdir/student_tokenizer``) or the suite's (the teacher's)."""
+        return self.workdir / "student_tokenizer" if self.cross_tokenizer else self.tokenizer_dir
+
+    @property
     def teacher_dir(self) -> Path:
         return self.workdir / ("teacher" if self.primary_teacher else f"teacher{self.teacher_seed}")
 
@@ -279,6 +301,11 @@ def load_suite(path: str | Path) -> Suite:
         raise ConfigError(f"{where}: key 'device' has value {top['device']!r}; accepted: auto, cpu, cuda, cuda:N, mps")
     if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", top["suite"]):
         raise ConfigError(f"{where}: key 'suite' has value {top['suite']!r}; use letters, digits, '_', '-', '.'")
+    if teacher["tokenizer"] is not None:
+        raise ConfigError(f"{where}: key 'teacher.tokenizer': the teacher's tokenizer is the suite's 'tokenizer:'; "
+                          "only the student may have its own ('student.tokenizer')")
+    if student["tokenizer"] is not None:
+        student["tokenizer"] = check(student["tokenizer"], STUDENT_TOKENIZER_SCHEMA, where, "student.tokenizer.")
     for role, model in (("teacher", teacher), ("student", student)):
         if not (model["path"] or model["hub"] or model["arch"]):
             raise ConfigError(f"{where}: key {role!r} needs one of 'arch' (tiny model), 'path' or 'hub'")

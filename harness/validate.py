@@ -31,6 +31,10 @@ def validate_plan(suite: Suite, recipes_dir: str | None = None, check_data: bool
     if suite.baseline not in recipes:
         raise ConfigError(f"{suite.origin}: key 'baseline': no recipe named {suite.baseline!r}; "
                           f"known: {', '.join(sorted(recipes))}")
+    if suite.cross_tokenizer:  # a student with its own tokenizer: only objectives and modes defined across tokenizers
+        from .cross_tokenizer import check_plan
+
+        check_plan(suite, recipes)
     cache = suite.teacher_cache or {}
     if cache:  # which objectives each cache mode can serve (harness.teacher_cache.supported says why not)
         from .objectives import spec as objective_spec
