@@ -89,8 +89,9 @@ def check_same_tokenizer(teacher_tok, student_tok, teacher_name: str = "teacher"
     if mismatched:
         raise ModelError(
             f"{teacher_name} and {student_name} use different tokenizers ({len(mismatched)} of {len(small)} tokens "
-            f"differ, e.g. {mismatched[:3]}); cross-tokenizer distillation is not supported yet. "
-            "Use a student that shares the teacher's tokenizer."
+            f"differ, e.g. {mismatched[:3]}); token-level objectives need one vocabulary. For a student with its own "
+            "tokenizer, declare it in the suite (student.tokenizer) and use a cross-tokenizer objective (uld, "
+            "recipes/uld.yaml); otherwise use a student that shares the teacher's tokenizer."
         )
 
 

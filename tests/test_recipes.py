@@ -89,7 +89,7 @@ def test_user_objective_from_a_temporary_directory(tmp_path, tiny_tokenizer, tin
     ("objective: fkll\n", "unknown objective id 'fkll'; known ids: ab, akl, bdkd, ce, distillm2, fkl"),
     ("objective: fkl\nparams: {alpha: 0.1}\n", "does not accept parameter(s) alpha; accepted: none"),
     ("objective: nowhere_module_xyz:fn\n", "cannot import module 'nowhere_module_xyz'"),
-    ("objective: fkl\nmode: sometimes\n", "registered modes: adaptive_off_policy, distillm2, off_policy, on_policy, seq_kd"),
+    ("objective: fkl\nmode: sometimes\n", "registered modes: adaptive_off_policy, distillm2, minillm, off_policy, on_policy, seq_kd"),
     ("objective: jsd\nmode: on_policy\nmode_params: {lambda: 0.5}\n", "unknown key 'mode_params.lambda'"),
 ])
 def test_recipe_errors_name_the_file_the_key_and_the_accepted_values(tmp_path, body, needle):

@@ -236,7 +236,7 @@ BAD_RECIPES = {
     "no_such_function": ("objective: json:no_such_fn\n", ["key 'objective'", "has no function 'no_such_fn'"]),
     "unknown_param": ("objective: skl\nparams: {alhpa: 0.2}\n", ["key 'params'", "alhpa", "accepted: alpha"]),
     "unknown_mode": ("objective: fkl\nmode: online\n", ["'mode'", "'online'",
-                                                        "registered modes: adaptive_off_policy, distillm2, off_policy, on_policy, seq_kd"]),
+                                                        "registered modes: adaptive_off_policy, distillm2, minillm, off_policy, on_policy, seq_kd"]),
     "unknown_mode_param": ("objective: fkl\nmode: on_policy\nmode_params: {lambda: 0.5}\n",
                            ["'mode_params.lambda'", "lmbda"]),
     "not_yaml": ("objective: [fkl\n", ["not valid YAML at line 1, column 12", "flow sequence"]),
@@ -352,7 +352,7 @@ def _two_tokenizers(tmp_path: Path):
 def test_different_tokenizers_refused(tmp_path):
     a, b = _two_tokenizers(tmp_path)
     assert len(a) > 258 and len(b) > 258  # both learnt merges: not just the shared byte alphabet
-    with pytest.raises(ModelError, match="cross-tokenizer distillation is not supported yet") as exc:
+    with pytest.raises(ModelError, match="declare it in the suite .student.tokenizer. and use a cross-tokenizer objective .uld") as exc:
         check_same_tokenizer(a, b)
     assert "teacher and student use different tokenizers" in str(exc.value)
     padded = load_tokenizer(tmp_path / "tok_a")
@@ -368,7 +368,7 @@ def test_distill_refuses_different_tokenizers(base, tmp_path, capsys):
     rc, err = run_cli(["distill", "--config", str(suite_file), "--recipe", "fkl", "--seed", "1"], capsys)
     assert rc == 2
     line = one_line(err)
-    assert "different tokenizers" in line and "cross-tokenizer distillation is not supported yet" in line
+    assert "different tokenizers" in line and "student.tokenizer" in line and "uld" in line
     run_dir = tmp_path / "work" / "runs" / "fkl" / "seed1"
     assert not (run_dir / "run.json").exists() and not (run_dir / "state.pt").exists()
 
