@@ -386,7 +386,8 @@ def distill(suite: Suite, recipe: Recipe, seed: int, progress: bool = True, lr_i
     tok.save_pretrained(str(out / "model"))
     write_json_atomic(out / "run.json", {
         **common, "status": "ok", "curve": result.curve, "loss_terms": result.parts, "mode_stats": source.stats,
-        "costs": {**result.costs(), **{k: round(v, 4) for k, v in source.timings.items()}},
+        "costs": {**result.costs(), **{k: round(v, 4) for k, v in source.timings.items()},
+                  **source.generation_costs(result.costs().get("train_time_s") or 0.0)},
         "resumed_from_step": result.resumed_from, "wall_s": round(time.perf_counter() - t0, 3),
         "num_processes": int(os.environ.get("WORLD_SIZE", "1")),
     })

@@ -301,13 +301,32 @@ def build_cache(
 
 
 def cached_or_live(cache: TeacherCache, live: Callable[[dict], Tensor] | None) -> Callable[[dict], Tensor]:
-    """Serve reference batches from the cache and anything else (student samples) from the live teacher."""
+    """Serve reference batches from the cache and anything else (student samples) from the live teacher.
+
+    A mixed micro-batch (sampled rows and reference rows, e.g. MiniLLM's) may name its reference rows:
+    ``cached_rows`` [n] (row indices) and ``cached_example_ids`` [n] (their examples); those rows — the reference
+    encoding of their examples, token for token — are read from the cache and only the others go through the
+    live teacher. The result is ``[B, T, V]`` either way (cached rows: log-probabilities, 0 outside the mask).
+    """
 
     def teacher_logits(batch: dict) -> Tensor:
         if batch.get("source", "reference") == "reference" and "example_ids" in batch:
             return cache.teacher_logits(batch)
         if live is None:
             raise RuntimeError("a batch of student samples needs the live teacher, which was not loaded")
-        return live(batch)
+        rows = batch.get("cached_rows")
+        if rows is None or len(rows) == 0:
+            return live(batch)
+        rows = torch.as_tensor(rows, dtype=torch.long, device=batch["input_ids"].device)
+        others = torch.ones(batch["input_ids"].shape[0], dtype=torch.bool, device=rows.device)
+        others[rows] = False
+        sub = {"input_ids": batch["input_ids"][others], "attention_mask": batch["attention_mask"][others]}
+        live_part = live(sub)
+        out = live_part.new_zeros((batch["input_ids"].shape[0], *live_part.shape[1:]))
+        out[others] = live_part
+        cached = cache.teacher_logits({"loss_mask": batch["loss_mask"][rows],
+                                       "example_ids": torch.as_tensor(batch["cached_example_ids"])})
+        out[rows] = cached.to(out.dtype)[..., : out.shape[-1]]
+        return out
 
     return teacher_logits

@@ -94,6 +94,36 @@ def test_a_batch_of_student_samples_needs_the_live_teacher(setup):
     assert out.shape[:2] == batch["input_ids"].shape
 
 
+def test_a_mixed_batch_takes_its_reference_rows_from_the_cache_and_the_rest_live(setup):
+    """MiniLLM-style micro-batches: sampled rows (live teacher) + reference rows named by ``cached_rows``."""
+    tok, examples, teacher, _ = setup
+    cache = build_cache(teacher, examples[:6], tok.pad_token_id, mode="exact", dtype="float32", progress=False)
+    sampled = [{"input_ids": e["input_ids"][: e["prompt_len"]] + [5, 6, 7], "prompt_len": e["prompt_len"]}
+               for e in examples[10:13]]  # rows the cache has never seen
+    rows = sampled + [examples[4], examples[1], examples[5]]
+    batch = batching.collate(rows, tok.pad_token_id)
+    batch["source"] = "generated"
+    batch["cached_rows"], batch["cached_example_ids"] = torch.tensor([3, 4, 5]), torch.tensor([4, 1, 5])
+    calls = []
+
+    def live(b):
+        calls.append(b["input_ids"].shape[0])
+        return live_teacher(teacher)(b)
+
+    out = cached_or_live(cache, live)(batch)
+    assert calls == [3]  # only the sampled rows went through the teacher
+    with torch.no_grad():
+        full = torch.log_softmax(teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, -1)
+    mask = batch["loss_mask"] > 0
+    assert torch.allclose(torch.log_softmax(out[:3], -1)[mask[:3]], full[:3][mask[:3]], atol=1e-5)
+    assert torch.allclose(out[3:][mask[3:]], full[3:][mask[3:]], atol=1e-5)  # log-probs from the cache
+    assert torch.equal(out[3:][~mask[3:]], torch.zeros_like(out[3:][~mask[3:]]))
+    # a row that is not its example's reference encoding is refused, not silently mis-served
+    batch["cached_example_ids"] = torch.tensor([4, 1, 2])
+    with pytest.raises(ValueError, match="rebuild it"):
+        cached_or_live(cache, live)(batch)
+
+
 def test_a_sparse_cache_refuses_objectives_that_need_the_whole_tail(tmp_path):
     import yaml
 

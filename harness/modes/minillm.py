@@ -238,6 +238,9 @@ class MiniLLMSampling(SamplingSource):
         batch["mix_weight"] = weight
         if "example_ids" in reference:
             batch["prompt_example_ids"] = torch.cat([reference["example_ids"]] * (2 if self.reference_rows else 1))
+            if self.reference_rows:  # the reference rows, token for token: a teacher cache may serve them
+                batch["cached_rows"] = torch.arange(n_sampled, len(rows))
+                batch["cached_example_ids"] = reference["example_ids"].clone()
         self.counts["generated"] += 1
         return batch
 

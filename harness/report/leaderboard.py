@@ -91,6 +91,8 @@ COST_LABELS = {
     "eval_time_s": "Eval time (s)",
     "sec_per_sample": "Sec/sample (s)",
     "tokens_per_s": "Tokens/s",
+    "generation_share": "Generating (share)",
+    "generated_tokens_per_s": "Generated tok/s",
     "peak_rss_mb": "Peak memory (MB)",
     "steps": "Steps",
     "tokens": "Tokens",

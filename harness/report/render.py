@@ -346,7 +346,10 @@ def render_markdown(
     if ct.shape[1] > 1:
         lines += ["", "## Costs", "", to_markdown(ct), "",
                   "- Mean over successful runs. Times in seconds (wall clock, load-dependent; CPU time where "
-                  "recorded); memory is peak RSS (CPU) or peak allocated (GPU)."]
+                  "recorded); memory is peak RSS (CPU) or peak allocated (GPU). Tokens/s: training tokens per "
+                  "second of training. For the modes that generate: Generating (share) is the share of the training "
+                  "time spent sampling, Generated tok/s the tokens sampled (by the student, the teacher or their "
+                  "mixture) per second of sampling."]
     tt = teachers_table(report)
     if not tt.empty:
         lines += ["", "## Per teacher", "",
