@@ -33,6 +33,14 @@ from .schema import ConfigError
 USER_ERRORS = (ConfigError, DataError)
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors reported in one line: bad input, and the model and objective errors of the modules a step
+    loaded (looked up, not imported: those modules need torch, and only a step that loaded them can raise)."""
+    loaded = [getattr(sys.modules.get(module), name, None)
+              for module, name in (("harness.models", "ModelError"), ("harness.objectives", "ObjectiveError"))]
+    return (*USER_ERRORS, *(e for e in loaded if e is not None))
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distillbench", description=__doc__.split("\n")[0])
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -87,8 +95,23 @@ def _method_cards(recipes_dir: str) -> str:
     return "\n".join(out)
 
 
+#: steps that need no torch: they never import it (checked by tests/test_cli_startup.py; timed by
+#: ``python -m harness.bench startup``)
+TORCH_FREE = ("data", "publish", "recipes")
+
+
+def set_threads(n: int | None) -> None:
+    """torch's CPU threads: set now when torch is loaded, else through ``OMP_NUM_THREADS``, which torch reads
+    when a step imports it (so a step that never needs torch does not import it for this)."""
+    if not n:
+        return
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+    else:
+        os.environ["OMP_NUM_THREADS"] = str(n)
+
+
 def run(args: argparse.Namespace) -> int:
-    from . import steps
     from .suite import load_suite
 
     if args.command == "objectives":
@@ -102,10 +125,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "recipes":
         print(_method_cards(args.recipes))
         return 0
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     suite = load_suite(args.config)
     progress = not args.no_progress
     from .validate import validate_plan
@@ -114,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
         report = validate_plan(suite, recipes_dir=args.recipes, check_data=True)
         print(report)
         return 0
+    from . import steps
+
     if args.command == "data":
         steps.prepare_data(suite)
     elif args.command == "tokenizer":
@@ -177,13 +199,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
         if "transformers" in sys.modules:
             sys.modules["transformers"].utils.logging.disable_progress_bar()
-    from .models import ModelError
-    from .objectives import ObjectiveError
-
     try:
         return run(args)
-    except (*USER_ERRORS, ModelError, ObjectiveError) as exc:
-        if args.debug:
+    except Exception as exc:
+        if args.debug or not isinstance(exc, user_errors()):
             raise
         message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # one line
         print(f"distillbench {args.command}: error: {message}", file=sys.stderr)
