@@ -732,7 +732,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's default; the suite's jobs use threads_per_job)")
     p.add_argument("--out", default=None, help="write the Markdown table here (default results/bench/objectives-<device>.md)")
+    p = sub.add_parser("startup", help="start-up of each pipeline step (process start to ready), see harness.bench_startup")
+    p.add_argument("--config", default="config/tiny.yaml", help="suite file the steps are started with")
+    p.add_argument("--recipe", default=None, help="recipe of the distill/tune rows (default: fkl, else the first)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per step (median reported)")
+    p.add_argument("--out", default=None, help="also write the Markdown table here")
     args = parser.parse_args(argv)
+    if args.what == "startup":
+        from .bench_startup import bench_startup
+
+        text = bench_startup(args)
+        print(text)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(text)
+        return 0
     gpu = (args.suite or ("gpu" if args.device == "cuda" else "cpu")) == "gpu"
     args.vocab = args.vocab or ([151936] if gpu else [32000, 151936])
     args.positions = args.positions or ([8192] if gpu else None)

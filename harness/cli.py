@@ -95,11 +95,6 @@ def _method_cards(recipes_dir: str) -> str:
     return "\n".join(out)
 
 
-#: steps that need no torch: they never import it (checked by tests/test_cli_startup.py; timed by
-#: ``python -m harness.bench startup``)
-TORCH_FREE = ("data", "publish", "recipes")
-
-
 def set_threads(n: int | None) -> None:
     """torch's CPU threads: set now when torch is loaded, else through ``OMP_NUM_THREADS``, which torch reads
     when a step imports it (so a step that never needs torch does not import it for this)."""
@@ -109,6 +104,55 @@ def set_threads(n: int | None) -> None:
         sys.modules["torch"].set_num_threads(n)
     else:
         os.environ["OMP_NUM_THREADS"] = str(n)
+
+
+#: what reading the suite's recipes imports (their objectives and modes are validated; both need torch today)
+_RECIPES = ("harness.objectives", "harness.modes")
+_TRAIN = ("torch", "harness.models", "harness.distill", "harness.objectives")
+#: what each step imports before its first useful work (its code and libraries; the model steps add the
+#: suite's model classes, see :func:`model_modules`). :func:`ready` imports them before the step runs.
+STEP_MODULES: dict[str, tuple[str, ...]] = {
+    "data": ("harness.data.tiny",),
+    "tokenizer": ("harness.data.tokenizer", "transformers.tokenization_utils_fast"),
+    "teacher": _TRAIN,
+    "student-init": ("torch", "harness.models"),
+    "teacher-cache": ("torch", "harness.models", "harness.teacher_cache"),
+    "distill": (*_TRAIN, "harness.modes", "harness.teacher_cache"),
+    "tune": (*_TRAIN, "harness.modes", "harness.evaluation.evaluate_run"),
+    "evaluate": ("torch", "harness.models", "harness.evaluation.evaluate_run"),
+    "leaderboard": ("harness.report", "harness.timings", *_RECIPES),
+    "publish": ("harness.publishing",),
+    "status": ("harness.status", *_RECIPES),
+    "check": ("harness.publishing", *_RECIPES),
+}
+_MODEL_STEPS = ("teacher", "student-init", "teacher-cache", "distill", "tune", "evaluate")
+_ARCH_MODULES = {"gpt2": "transformers.models.gpt2.modeling_gpt2", "llama": "transformers.models.llama.modeling_llama"}
+
+
+def model_modules(suite) -> tuple[str, ...]:
+    """The transformers modules of the suite's model classes: a tiny architecture's own module; an existing
+    checkpoint's class is found from its config at load time, so only transformers' modeling core."""
+    return tuple(dict.fromkeys(_ARCH_MODULES.get(entry.get("arch") or "", "transformers.modeling_utils")
+                               if not (entry.get("path") or entry.get("hub")) else "transformers.modeling_utils"
+                               for entry in (suite.teacher, suite.student)))
+
+
+#: set by ``python -m harness.bench startup``: a step stops once ready and prints the time (start-up probe)
+PROBE_ENV = "DISTILLBENCH_STARTUP_PROBE"
+
+
+def ready(command: str, suite) -> bool:
+    """Import what ``command`` needs (:data:`STEP_MODULES`); under the start-up probe print
+    ``ready <unix time> torch=yes|no`` and return True (the caller then exits before the step's work)."""
+    import importlib
+    import time
+
+    for module in STEP_MODULES.get(command, ()) + (model_modules(suite) if command in _MODEL_STEPS else ()):
+        importlib.import_module(module)
+    if os.environ.get(PROBE_ENV):
+        print(f"ready {time.time():.6f} torch={'yes' if 'torch' in sys.modules else 'no'}", flush=True)
+        return True
+    return False
 
 
 def run(args: argparse.Namespace) -> int:
@@ -136,6 +180,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from . import steps
 
+    recipe = None
+    if args.command in ("distill", "tune"):
+        validate_plan(suite, check_data=False)
+        recipe = suite.recipes()[args.recipe]
+    if ready(args.command, suite):
+        return 0
     if args.command == "data":
         steps.prepare_data(suite)
     elif args.command == "tokenizer":
@@ -147,13 +197,10 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "teacher-cache":
         steps.build_teacher_cache(suite, progress=progress)
     elif args.command == "distill":
-        validate_plan(suite, check_data=False)
-        recipe = suite.recipes()[args.recipe]
         for seed in args.seed:  # each seed is its own run: own run.json, checkpoint and fingerprint
             steps.distill(suite, recipe, seed, progress=progress)
     elif args.command == "tune":
-        validate_plan(suite, check_data=False)
-        steps.tune(suite, suite.recipes()[args.recipe], progress=progress)
+        steps.tune(suite, recipe, progress=progress)
     elif args.command == "evaluate":
         steps.evaluate(suite, args.target, args.seed or [0], progress=progress)
     elif args.command == "leaderboard":
