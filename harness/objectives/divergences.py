@@ -211,15 +211,15 @@ def _exp_phi(base: Tensor, z: Tensor) -> Tensor:
 
 def _exp_phi_nograd(base: Tensor, z: Tensor, small: Tensor, large: Tensor) -> Tensor:
     """:func:`_exp_phi` without a graph (the α-β forward): the same operations in the same order, so the same
-    floating-point result, written into fewer buffers (in-place Horner steps, e^base computed once)."""
-    zs = z.masked_fill(~small, 0.0)
+    floating-point result, in fewer passes over [N, V] (in-place Horner steps, e^base computed once)."""
+    zs = torch.where(small, z, 0.0)
     poly = torch.full_like(z, _PHI_SERIES[-1])
     for coef in reversed(_PHI_SERIES[:-1]):
         poly.mul_(zs).add_(coef)
     series = (zs * zs).mul_(poly)
-    zm = z.masked_fill(small | large, 0.75)
+    zm = torch.where(small | large, 0.75, z)
     middle = torch.expm1(zm).sub_(zm)
-    zl = z.masked_fill(~large, 2.0)
+    zl = torch.where(large, z, 2.0)
     e_base = torch.exp(base)
     far = torch.add(base, zl).exp_().sub_(e_base * zl.add_(1.0))
     return far.where(large, e_base.mul_(series.where(small, middle)))
@@ -271,12 +271,12 @@ def _ab_inputs(log_q: Tensor, log_p: Tensor):
     pad = _padded(log_p) | _padded(log_q)
     if not bool(pad.any()):
         return None, log_q, log_p
-    return pad, log_q.masked_fill(pad, 0.0), log_p.masked_fill(pad, 0.0)
+    return pad, torch.where(pad, 0.0, log_q), torch.where(pad, 0.0, log_p)
 
 
 def _unpad(pad: Tensor | None, x: Tensor) -> Tensor:
     """``x`` with the padded entries set to 0 (nothing to do without padding)."""
-    return x if pad is None else x.masked_fill(pad, 0.0)
+    return x if pad is None else torch.where(pad, 0.0, x)
 
 
 def _ab_terms(lq: Tensor, lp: Tensor, alpha: float, beta: float) -> Tensor:
@@ -305,7 +305,7 @@ def _ab_grad(lq: Tensor, lp: Tensor, alpha: float, beta: float) -> Tensor:
     z = -alpha * d
     big = z.abs() > 1.0
     e_base = torch.exp(base)
-    near = e_base * torch.expm1(z.masked_fill(big, 0.0)) / alpha
+    near = e_base * torch.expm1(torch.where(big, 0.0, z)) / alpha
     far = (torch.exp((alpha + beta) * lq) - e_base) / alpha
     return torch.where(big, far, near)
 
