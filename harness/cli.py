@@ -95,13 +95,16 @@ def _method_cards(recipes_dir: str) -> str:
     return "\n".join(out)
 
 
-def set_threads(n: int | None) -> None:
-    """torch's CPU threads: set now when torch is loaded, else through ``OMP_NUM_THREADS``, which torch reads
-    when a step imports it (so a step that never needs torch does not import it for this)."""
+def set_threads(n: int | None, command: str | None = None) -> None:
+    """torch's CPU threads. A model step (or any step once torch is loaded) sets them on torch, as before; a
+    step without models sets ``OMP_NUM_THREADS``, which torch reads if the step imports it later (reading
+    recipes does), so a step that never needs torch does not import it for this."""
     if not n:
         return
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(n)
+    if command in _MODEL_STEPS or "torch" in sys.modules:
+        import torch
+
+        torch.set_num_threads(n)
     else:
         os.environ["OMP_NUM_THREADS"] = str(n)
 
@@ -169,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "recipes":
         print(_method_cards(args.recipes))
         return 0
-    set_threads(args.threads)
+    set_threads(args.threads, args.command)
     suite = load_suite(args.config)
     progress = not args.no_progress
     from .validate import validate_plan
