@@ -1,4 +1,6 @@
-"""Micro-benchmarks of the harness (``python -m harness.bench objectives ...``).
+"""Micro-benchmarks of the harness (``python -m harness.bench objectives|startup|steps ...``).
+
+``startup`` and ``steps`` are described in :data:`STARTUP_DOC` and :data:`STEPS_DOC` (below).
 
 ``objectives`` has two suites (``--suite``; default: ``gpu`` on CUDA, ``cpu`` otherwise):
 
@@ -38,6 +40,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -700,6 +703,256 @@ def _render(rows, args, device, dtype, positions, trl_version, mem_method, load)
         lines.append("")
     return "\n".join(lines)
 
+# ----------------------------------------------------------------------------------------------------------
+# start-up of each pipeline step (``python -m harness.bench startup``)
+# ----------------------------------------------------------------------------------------------------------
+STARTUP_DOC = """Start-up of each pipeline step: seconds from process start until the step is ready to work.
+
+    python -m harness.bench startup [--config config/tiny.yaml] [--repeats 3] [--out FILE]
+
+Every Snakemake job is a fresh ``python -m harness.cli <step> ...`` process, so its imports are paid once per
+job. For each step this runs that exact command with ``DISTILLBENCH_STARTUP_PROBE=1``
+(:data:`harness.cli.PROBE_ENV`): the command parses its arguments, loads the suite (and, for ``distill`` and
+``tune``, validates the plan and reads the recipe), imports what the step needs (:data:`harness.cli.STEP_MODULES`
+plus the suite's model classes), prints ``ready <unix time>`` and exits before doing the step's work, so
+nothing is written. Start-up = that time minus the time just before the process was spawned (interpreter
+start included). ``--help``, ``recipes`` and ``objectives`` do all their work before exiting: their whole run
+is timed. The median of ``--repeats`` runs is printed per step, with whether the step loaded torch.
+"""
+
+#: the target of issue #18: a job's start-up, in seconds
+TARGET_S = 1.5
+
+
+def _commands(config: str, recipe: str, tuning: bool) -> list[tuple[str, list[str], bool]]:
+    """(label, cli arguments, probed) per step; probed = stops at ready (else the whole run is timed)."""
+    c = ["--config", config, "--threads", "1"]
+    rows = [
+        ("--help", ["--help"], False),
+        ("data", ["data", *c], True),
+        ("tokenizer", ["tokenizer", *c], True),
+        ("teacher", ["teacher", *c], True),
+        ("student-init", ["student-init", *c, "--seed", "1"], True),
+        ("teacher-cache", ["teacher-cache", *c], True),
+        (f"distill ({recipe})", ["distill", *c, "--recipe", recipe, "--seed", "1"], True),
+    ]
+    if tuning:
+        rows.append((f"tune ({recipe})", ["tune", *c, "--recipe", recipe], True))
+    rows += [
+        ("evaluate (teacher)", ["evaluate", *c, "--target", "teacher"], True),
+        ("leaderboard", ["leaderboard", *c], True),
+        ("publish", ["publish", *c], True),
+        ("status", ["status", *c], True),
+        ("check", ["check", *c], True),
+        ("recipes", ["recipes"], False),
+        ("objectives", ["objectives"], False),
+    ]
+    return rows
+
+
+def time_command(args: list[str], probed: bool) -> tuple[float, bool | None]:
+    """(seconds from spawn to ready — or to exit when not probed, whether torch was loaded or None)."""
+    from .cli import PROBE_ENV
+
+    env = {**os.environ, PROBE_ENV: "1" if probed else ""}
+    env.pop("OMP_NUM_THREADS", None)
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-m", "harness.cli", "--no-progress", *args], env=env,
+                         capture_output=True, text=True)
+    end = time.time()
+    if not probed:
+        if out.returncode != 0:
+            raise RuntimeError(f"harness.cli {' '.join(args)} failed: {out.stderr.strip()[-500:]}")
+        return end - t0, None
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("ready ")), None)
+    if line is None:
+        raise RuntimeError(f"harness.cli {' '.join(args)} never got ready (exit {out.returncode}): "
+                           f"{(out.stderr or out.stdout).strip()[-500:]}")
+    fields = line.split()
+    return float(fields[1]) - t0, fields[2] == "torch=yes"
+
+
+def bench_startup(args) -> str:
+    """The ``startup`` benchmark (see :data:`STARTUP_DOC`): the Markdown report."""
+    from .suite import load_suite
+
+    suite = load_suite(args.config)
+    names = list(suite.recipe_names or []) or sorted(p.stem for p in Path(suite.recipes_dir).glob("*.yaml"))
+    recipe = args.recipe or ("fkl" if "fkl" in names else names[0])
+    rows = []
+    for label, cli_args, probed in _commands(args.config, recipe, bool(suite.tuning)):
+        time_command(cli_args, probed)  # warm-up: file-system caches
+        times, torch_loaded = [], None
+        for _ in range(args.repeats):
+            t, torch_loaded = time_command(cli_args, probed)
+            times.append(t)
+        rows.append((label, statistics.median(times), min(times), torch_loaded, probed))
+        print(f"{label:24s} {statistics.median(times):6.2f} s", file=sys.stderr, flush=True)
+    try:
+        load = "/".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        load = "n/a"
+    lines = [
+        "# Start-up per pipeline step",
+        "",
+        f"- command: `python -m harness.bench startup --config {args.config} --repeats {args.repeats}`",
+        f"- seconds from spawning `python -m harness.cli <step> ...` to the step being ready (imports done, "
+        f"suite loaded; see STARTUP_DOC in harness/bench.py); median and min of {args.repeats} runs after a warm-up",
+        f"- target: <= {TARGET_S} s per job; load average (1/5/15 min): {load} (other processes share the cores)",
+        "",
+        "| step | start-up s (median) | min s | torch loaded | <= target |",
+        "|---|---:|---:|---|---|",
+    ]
+    for label, med, lo, torch_loaded, probed in rows:
+        what = label if probed else f"{label} (whole run)"
+        flag = "—" if torch_loaded is None else ("yes" if torch_loaded else "no")
+        lines.append(f"| {what} | {med:.2f} | {lo:.2f} | {flag} | {'yes' if med <= TARGET_S else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a distillation step against the SFT step (``python -m harness.bench steps``)
+# ----------------------------------------------------------------------------------------------------------
+STEPS_DOC = """Cost of one cached-teacher off-policy distillation step against the bare SFT step of the same student.
+
+    python -m harness.bench steps --config config/tiny.yaml --out results/tiny/bench-steps.md
+
+The suite's student and teacher architectures (tiny ones, built here with random weights) and its vocabulary
+size; ``--batch`` sequences of exactly ``--length`` tokens (random token ids, a random prompt length, so the
+loss mask covers the responses as in training). The teacher's log-probabilities are cached once with the
+suite's ``teacher_cache`` settings (:func:`harness.teacher_cache.build_cache`), so a distillation step reads
+them from the cache as a cached off-policy run does. Every objective then trains a fresh copy of the same
+initial student through the real loop (:func:`harness.distill.train`: batch, cache lookup, forward, loss,
+backward, clipping, AdamW) with the loss ``1.0 · objective`` at temperature 1; ``ce`` (SFT) is the same loop
+without a teacher. One optimizer step = one micro-batch; the time of a step is the time between two
+consecutive steps (``on_step``), as the process's CPU time (the ratio's basis: with one torch thread it is the
+work done, and it is less disturbed than wall time by other processes on shared cores) and as wall time. The
+first ``--warmup`` steps are dropped and the median of the next ``--steps`` is reported, with its ratio to the
+``ce`` median of the same run, and the per-phase means (wall) from :class:`harness.distill.TrainResult`'s
+timings (all steps, warm-up included).
+"""
+
+#: ratios above this are profiled (issue #18's threshold)
+STEPS_FLAG_RATIO = 1.5
+PHASES = ("teacher_forward_s", "student_forward_s", "loss_s", "student_backward_s", "optimizer_s")
+
+
+def synthetic_examples(n: int, length: int, vocab: int, seed: int) -> list[dict]:
+    """``n`` encoded examples (``input_ids`` of exactly ``length`` ids in ``[3, vocab)``, ``prompt_len`` in
+    ``[length // 6, length // 2]``), the format of :func:`harness.data.batching.encode`."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (n, length), generator=g)
+    prompt = torch.randint(length // 6, length // 2 + 1, (n,), generator=g)
+    return [{"input_ids": ids[i].tolist(), "prompt_len": int(prompt[i])} for i in range(n)]
+
+
+def reference_batches(examples: list[dict], pad_id: int, batch_size: int, seed: int):
+    """``next_batch(i)`` as :func:`harness.steps.reference_batches` builds it (with ``example_ids``)."""
+    from .data import batching
+    from .distill import batch_order
+
+    def next_batch(i: int) -> dict:
+        idx = batch_order(len(examples), batch_size, seed, i)
+        batch = batching.collate([examples[j] for j in idx], pad_id)
+        batch["example_ids"] = torch.tensor(idx)
+        return batch
+
+    return next_batch
+
+
+def time_steps(student, next_batch, cfg, objective: str, teacher_fn) -> tuple[list[float], list[float], dict]:
+    """Per-step CPU and wall times of ``cfg.max_steps`` steps of the real loop, and the run's phase timings."""
+    from .distill import train
+    from .objectives import get
+
+    stamps = [(time.process_time(), time.perf_counter())]
+    result = train(student, next_batch, cfg, seed=0, objective=get(objective), kd_weight=1.0, temperature=1.0,
+                   teacher_logits=None if objective == "ce" else teacher_fn, progress=False,
+                   on_step=lambda step, res: stamps.append((time.process_time(), time.perf_counter())))
+    cpu = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]
+    wall = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])]
+    return cpu, wall, dict(result.timings)
+
+
+def bench_steps(args) -> tuple[str, list[dict]]:
+    """The ``steps`` benchmark (see :data:`STEPS_DOC`): the Markdown report and its rows."""
+    import copy
+
+    from .distill import TrainConfig
+    from .models import build_tiny
+    from .objectives import available, spec
+    from .suite import load_suite
+    from .teacher_cache import build_cache, cached_or_live
+
+    suite = load_suite(args.config)
+    torch.set_num_threads(args.threads)
+    vocab = args.vocab or suite.tokenizer["vocab_size"]
+    batch_size = args.batch or suite.training.per_device_train_batch_size
+    special = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    student0 = build_tiny(suite.student, vocab, seed=1, max_positions=args.length, special_ids=special)
+    teacher = build_tiny(suite.teacher, vocab, seed=0, max_positions=args.length, special_ids=special)
+    examples = synthetic_examples(args.examples, args.length, vocab, seed=0)
+    settings = suite.teacher_cache or {"mode": "exact", "top_k": 64, "samples": 64, "temperature": 1.0, "seed": 0,
+                                       "dtype": "float16", "batch_size": 64}
+    cache = build_cache(teacher, examples, 0, mode=settings["mode"], top_k=settings["top_k"],
+                        samples=settings["samples"], temperature=settings["temperature"], seed=settings["seed"],
+                        dtype=settings["dtype"], batch_size=settings["batch_size"], progress=False)
+    teacher_fn = cached_or_live(cache, None)
+    next_batch = reference_batches(examples, 0, batch_size, seed=0)
+    cfg = TrainConfig(max_steps=args.warmup + args.steps, per_device_train_batch_size=batch_size,
+                      max_length=args.length, warmup_ratio=0.0, log_every=10**6, device="cpu")
+    ids = args.ids or ["ce"] + [i for i in available() if i != "ce" and spec(i).kind != "labels"]
+    rows = []
+    for name in ids:
+        try:
+            cpu, wall, timings = time_steps(copy.deepcopy(student0), next_batch, cfg, name, teacher_fn)
+        except Exception as exc:  # an objective that cannot train on cached off-policy batches: say why
+            rows.append({"objective": name, "error": f"{type(exc).__name__}: {exc}"[:200]})
+            print(f"{name:10s} skipped: {exc}", file=sys.stderr, flush=True)
+            continue
+        per_step = {k: timings.get(k, 0.0) / len(cpu) for k in PHASES}
+        rows.append({"objective": name, "median_s": statistics.median(cpu[args.warmup:]),
+                     "wall_s": statistics.median(wall[args.warmup:]), "n": len(cpu) - args.warmup, **per_step})
+        print(f"{name:10s} {rows[-1]['median_s'] * 1e3:8.2f} ms/step (CPU)", file=sys.stderr, flush=True)
+    return _render_steps(rows, args, suite, vocab, batch_size, settings), rows
+
+
+def _render_steps(rows: list[dict], args, suite, vocab: int, batch_size: int, settings: dict) -> str:
+    ce = next((r for r in rows if r["objective"] == "ce" and "median_s" in r), None)
+    try:
+        load = "/".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        load = "n/a"
+    arch = ", ".join(f"{k} {suite.student[k]}" for k in ("arch", "n_layer", "n_embd", "n_head"))
+    t_arch = ", ".join(f"{k} {suite.teacher[k]}" for k in ("arch", "n_layer", "n_embd", "n_head"))
+    lines = [
+        "# Distillation step vs SFT step (cached teacher, off-policy)",
+        "",
+        f"- command: `python -m harness.bench {' '.join(shlex.quote(a) for a in sys.argv[1:])}`",
+        f"- student: {arch}, vocabulary {vocab}; teacher (cached once, random weights): {t_arch}; cache "
+        f"mode {settings['mode']}, {settings['dtype']}",
+        f"- batch {batch_size} × {args.length} tokens (random ids; the response = the tokens after a random "
+        f"prompt length), {args.threads} torch thread(s), {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}",
+        f"- one step = harness.distill.train's optimizer step (batch + cache lookup + forward + loss + backward + "
+        f"clip + AdamW); median of {args.steps} steps after {args.warmup} warm-up steps; phases: mean per step "
+        "over all steps",
+        f"- load average (1/5/15 min): {load} — the cores are shared, ratios are taken within one run",
+        "",
+        "| objective | CPU ms / step | × ce | wall ms / step | cache ms | fwd ms | loss ms | bwd ms | optim ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "median_s" not in r:
+            lines.append(f"| {r['objective']} (skipped: {r['error']}) | — | — | — | | | | | |")
+            continue
+        ratio = f"{r['median_s'] / ce['median_s']:.2f}" if ce else "—"
+        lines.append(f"| {r['objective']} | {r['median_s'] * 1e3:.1f} | {ratio} | {r['wall_s'] * 1e3:.1f} | "
+                     + " | ".join(f"{r[k] * 1e3:.1f}" for k in PHASES) + " |")
+    flagged = [r["objective"] for r in rows if ce and "median_s" in r and r["median_s"] / ce["median_s"] > STEPS_FLAG_RATIO]
+    lines += ["", f"- above {STEPS_FLAG_RATIO}× ce: {', '.join(flagged) if flagged else 'none'}"]
+    return "\n".join(lines) + "\n"
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.bench", description=__doc__.split("\n")[0])
@@ -732,7 +985,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's default; the suite's jobs use threads_per_job)")
     p.add_argument("--out", default=None, help="write the Markdown table here (default results/bench/objectives-<device>.md)")
+    p = sub.add_parser("startup", help="start-up of each pipeline step (process start to ready)")
+    p.add_argument("--config", default="config/tiny.yaml", help="suite file the steps are started with")
+    p.add_argument("--recipe", default=None, help="recipe of the distill/tune rows (default: fkl, else the first)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per step (median reported)")
+    p.add_argument("--out", default=None, help="also write the Markdown table here")
+    p = sub.add_parser("steps", help="a cached-teacher distillation step / the SFT step, per objective")
+    p.add_argument("--config", default="config/tiny.yaml", help="suite: student/teacher architectures, vocabulary, cache")
+    p.add_argument("--batch", type=int, default=None, help="sequences per step (default: the suite's batch size)")
+    p.add_argument("--length", type=int, default=48, help="tokens per sequence")
+    p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the suite's tokenizer's)")
+    p.add_argument("--examples", type=int, default=256, help="synthetic training examples (cached once)")
+    p.add_argument("--warmup", type=int, default=5, help="steps dropped before timing")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per objective (median reported)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--ids", nargs="+", default=None, help="objectives (default: ce and every teacher objective)")
+    p.add_argument("--out", default=None, help="also write the Markdown table here")
     args = parser.parse_args(argv)
+    if args.what == "steps":
+        text, _ = bench_steps(args)
+        print(text)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(text)
+        return 0
+    if args.what == "startup":
+        text = bench_startup(args)
+        print(text)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(text)
+        return 0
     gpu = (args.suite or ("gpu" if args.device == "cuda" else "cpu")) == "gpu"
     args.vocab = args.vocab or ([151936] if gpu else [32000, 151936])
     args.positions = args.positions or ([8192] if gpu else None)

@@ -33,6 +33,14 @@ from .schema import ConfigError
 USER_ERRORS = (ConfigError, DataError)
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors reported in one line: bad input, and the model and objective errors of the modules a step
+    loaded (looked up, not imported: those modules need torch, and only a step that loaded them can raise)."""
+    loaded = [getattr(sys.modules.get(module), name, None)
+              for module, name in (("harness.models", "ModelError"), ("harness.objectives", "ObjectiveError"))]
+    return (*USER_ERRORS, *(e for e in loaded if e is not None))
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distillbench", description=__doc__.split("\n")[0])
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -91,8 +99,70 @@ def _method_cards(recipes_dir: str) -> str:
     return "\n".join(out)
 
 
+def set_threads(n: int | None, command: str | None = None) -> None:
+    """torch's CPU threads. A model step (or any step once torch is loaded) sets them on torch, as before; a
+    step without models sets ``OMP_NUM_THREADS``, which torch reads if the step imports it later (reading
+    recipes does), so a step that never needs torch does not import it for this."""
+    if not n:
+        return
+    if command in _MODEL_STEPS or "torch" in sys.modules:
+        import torch
+
+        torch.set_num_threads(n)
+    else:
+        os.environ["OMP_NUM_THREADS"] = str(n)
+
+
+#: what reading the suite's recipes imports (their objectives and modes are validated; both need torch today)
+_RECIPES = ("harness.objectives", "harness.modes")
+_TRAIN = ("torch", "harness.models", "harness.distill", "harness.objectives")
+#: what each step imports before its first useful work (its code and libraries; the model steps add the
+#: suite's model classes, see :func:`model_modules`). :func:`ready` imports them before the step runs.
+STEP_MODULES: dict[str, tuple[str, ...]] = {
+    "data": ("harness.data.tiny",),
+    "tokenizer": ("harness.data.tokenizer", "transformers.tokenization_utils_fast"),
+    "teacher": _TRAIN,
+    "student-init": ("torch", "harness.models"),
+    "teacher-cache": ("torch", "harness.models", "harness.teacher_cache"),
+    "distill": (*_TRAIN, "harness.modes", "harness.teacher_cache"),
+    "tune": (*_TRAIN, "harness.modes", "harness.evaluation.evaluate_run"),
+    "evaluate": ("torch", "harness.models", "harness.evaluation.evaluate_run"),
+    "leaderboard": ("harness.report", "harness.timings", *_RECIPES),
+    "publish": ("harness.publishing",),
+    "status": ("harness.status", *_RECIPES),
+    "check": ("harness.publishing", *_RECIPES),
+}
+_MODEL_STEPS = ("teacher", "student-init", "teacher-cache", "distill", "tune", "evaluate")
+_ARCH_MODULES = {"gpt2": "transformers.models.gpt2.modeling_gpt2", "llama": "transformers.models.llama.modeling_llama"}
+
+
+def model_modules(suite) -> tuple[str, ...]:
+    """The transformers modules of the suite's model classes: a tiny architecture's own module; an existing
+    checkpoint's class is found from its config at load time, so only transformers' modeling core."""
+    return tuple(dict.fromkeys(_ARCH_MODULES.get(entry.get("arch") or "", "transformers.modeling_utils")
+                               if not (entry.get("path") or entry.get("hub")) else "transformers.modeling_utils"
+                               for entry in (suite.teacher, suite.student)))
+
+
+#: set by ``python -m harness.bench startup``: a step stops once ready and prints the time (start-up probe)
+PROBE_ENV = "DISTILLBENCH_STARTUP_PROBE"
+
+
+def ready(command: str, suite) -> bool:
+    """Import what ``command`` needs (:data:`STEP_MODULES`); under the start-up probe print
+    ``ready <unix time> torch=yes|no`` and return True (the caller then exits before the step's work)."""
+    import importlib
+    import time
+
+    for module in STEP_MODULES.get(command, ()) + (model_modules(suite) if command in _MODEL_STEPS else ()):
+        importlib.import_module(module)
+    if os.environ.get(PROBE_ENV):
+        print(f"ready {time.time():.6f} torch={'yes' if 'torch' in sys.modules else 'no'}", flush=True)
+        return True
+    return False
+
+
 def run(args: argparse.Namespace) -> int:
-    from . import steps
     from .suite import load_suite
 
     if args.command == "objectives":
@@ -106,10 +176,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "recipes":
         print(_method_cards(args.recipes))
         return 0
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads, args.command)
     suite = load_suite(args.config).for_teacher(getattr(args, "teacher_seed", None))
     progress = not args.no_progress
     from .validate import validate_plan
@@ -117,6 +184,14 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "validate":
         report = validate_plan(suite, recipes_dir=args.recipes, check_data=True)
         print(report)
+        return 0
+    from . import steps
+
+    recipe = None
+    if args.command in ("distill", "tune"):
+        validate_plan(suite, check_data=False)
+        recipe = suite.recipes()[args.recipe]
+    if ready(args.command, suite):
         return 0
     if args.command == "data":
         steps.prepare_data(suite)
@@ -129,13 +204,10 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "teacher-cache":
         steps.build_teacher_cache(suite, progress=progress)
     elif args.command == "distill":
-        validate_plan(suite, check_data=False)
-        recipe = suite.recipes()[args.recipe]
         for seed in args.seed:  # each seed is its own run: own run.json, checkpoint and fingerprint
             steps.distill(suite, recipe, seed, progress=progress)
     elif args.command == "tune":
-        validate_plan(suite, check_data=False)
-        steps.tune(suite, suite.recipes()[args.recipe], progress=progress)
+        steps.tune(suite, recipe, progress=progress)
     elif args.command == "evaluate":
         steps.evaluate(suite, args.target, args.seed or [0], progress=progress)
     elif args.command == "leaderboard":
@@ -181,13 +253,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
         if "transformers" in sys.modules:
             sys.modules["transformers"].utils.logging.disable_progress_bar()
-    from .models import ModelError
-    from .objectives import ObjectiveError
-
     try:
         return run(args)
-    except (*USER_ERRORS, ModelError, ObjectiveError) as exc:
-        if args.debug:
+    except Exception as exc:
+        if args.debug or not isinstance(exc, user_errors()):
             raise
         message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # one line
         print(f"distillbench {args.command}: error: {message}", file=sys.stderr)

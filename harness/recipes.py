@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import objectives
 from .schema import ConfigError, Field, check, read_yaml
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -99,6 +98,7 @@ class Recipe:
     # ------------------------------------------------------------------ the loss
     def build_loss(self):
         """The :class:`harness.objectives.composite.WeightedLoss` of this recipe."""
+        from . import objectives
         from .objectives.composite import Term, WeightedLoss
 
         return WeightedLoss([Term(objectives.get(t.objective, **t.params), t.weight, t.temperature, t.label)
@@ -129,11 +129,15 @@ class Recipe:
         return self.primary.temperature
 
     def build_objective(self) -> objectives.Objective:
+        from . import objectives
+
         return objectives.get(self.objective, **self.params)
 
     @property
     def uses_teacher(self) -> bool:
         """False for pure SFT (only ``ce`` terms): its runs need no teacher forward at all."""
+        from . import objectives
+
         return any(objectives.spec(t.objective).needs_teacher and t.weight != 0 for t in self.terms)
 
     @property
@@ -206,7 +210,7 @@ def load_recipe(path: str | Path) -> Recipe:
     if name in ("teacher", "init"):
         raise ConfigError(f"{where}: recipe name {name!r} is reserved for the reference rows; choose another")
     terms = _terms(raw, where)
-    from . import modes
+    from . import modes, objectives  # imported here: the steps that never read a recipe need no torch
 
     if not isinstance(raw["mode"], str) or not raw["mode"]:
         raise ConfigError(f"{where}: key 'mode' must be a training mode name; registered: {', '.join(modes.available())}")

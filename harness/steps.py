@@ -11,30 +11,45 @@ import logging
 import os
 import platform
 import subprocess
+import sys
 import time
 from functools import lru_cache
 from pathlib import Path
 
-import torch
-
 from . import __version__
-from .data import batching
 from .data.instruct import filter_long_prompts, load_eval_set, load_jsonl, write_jsonl_atomic
 from .data.tokenizer import item_texts, load_tokenizer, train_tokenizer
 from .data.tiny import write_tiny
-from .distill import TrainConfig, TrainingFailed, TrainResult, batch_order, disable_dropout, train
 from .fingerprint import Fingerprints
 from .io import read_json, write_json_atomic
-from .models import build_tiny, check_same_tokenizer, load_model, resolve_device
-from . import modes
-from .objectives import get as get_objective
 from .recipes import Recipe
 from .suite import Suite
+from .train_config import TrainConfig
+
+# torch, transformers and the training/model modules are imported inside the steps that use them, so a step
+# pays only for what it needs (data, leaderboard, publish, check and status import no torch; `python -m
+# harness.bench startup` measures each step's start-up).
 
 log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+def load_model(*args, **kwargs):
+    """:func:`harness.models.load_model`, imported on first use (it needs torch and transformers)."""
+    from .models import load_model as load
+
+    return load(*args, **kwargs)
+
+
+def resolve_device(requested: str | None = "auto") -> str:
+    """:func:`harness.models.resolve_device`; a named device needs no torch (``auto`` asks torch for CUDA)."""
+    if requested not in (None, "auto"):
+        return requested
+    from .models import resolve_device as resolve
+
+    return resolve(requested)
+
+
 def git_revision() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
@@ -44,6 +59,7 @@ def git_revision() -> str | None:
 
 
 def versions() -> dict:
+    import torch
     import transformers
 
     return {"harness": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
@@ -51,6 +67,12 @@ def versions() -> dict:
 
 
 def machine(device: str) -> str:
+    """The GPU's name, or the CPU and torch's thread count. Without torch loaded (the leaderboard step, which
+    needs none) the CPU's thread count is the cores this process may use, which the jobs' torch also sees."""
+    if "torch" not in sys.modules and not device.startswith("cuda"):
+        return f"{platform.processor() or platform.machine()} ({len(os.sched_getaffinity(0))} threads)"
+    import torch
+
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name()
     return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
@@ -68,6 +90,8 @@ def train_items(suite: Suite) -> list[dict]:
 @lru_cache(maxsize=4)
 def _encoded_train(tokenizer_dir: str, max_prompt: int, max_length: int,
                    data_file: str) -> list[dict]:
+    from .data import batching
+
     tokenizer = load_tokenizer(tokenizer_dir)
     items, dropped = filter_long_prompts(load_jsonl(data_file, name="train"), tokenizer, max_prompt)
     if dropped:  # MiniLLM's filter: training prompts longer than the prompt budget are dropped, not cut
@@ -84,6 +108,11 @@ def encoded_train(suite: Suite, tokenizer_dir: Path | None = None) -> list[dict]
 
 def reference_batches(suite: Suite, examples: list[dict], pad_id: int, seed: int):
     """``next_batch(i)``: the i-th reference micro-batch; order fixed by the training seed, not the recipe."""
+    import torch
+
+    from .data import batching
+    from .distill import batch_order
+
     bs = suite.training.per_device_train_batch_size
 
     def next_batch(i: int) -> dict:
@@ -148,6 +177,9 @@ def _is_existing(entry: dict) -> bool:
 
 def _sft(model, suite: Suite, tok, pretrain: dict, seed: int, name: str, progress: bool, tokenizer_dir=None):
     """Supervised fine-tuning on the suite's training data with the same loop (objective ``ce``)."""
+    from .distill import train
+    from .objectives import get as get_objective
+
     device = resolve_device(suite.device)
     cfg = TrainConfig(**{**suite.training.__dict__, **pretrain, "device": device, "chunk_size": None,
                          "checkpoint_every": 0})
@@ -163,6 +195,8 @@ def prepare_teacher(suite: Suite, progress: bool = True) -> Path:
 
     ``suite.teacher_seed`` seeds the teacher's initialisation and data order (``teacher_seeds``: one teacher per
     seed, each in its own directory)."""
+    from .models import build_tiny
+
     out = suite.teacher_dir
     marker = out / "teacher.json"
     tok = load_tokenizer(suite.tokenizer_dir)
@@ -203,6 +237,8 @@ def teacher_tokenizer(suite: Suite):
 def init_student(suite: Suite, seed: int, progress: bool = True) -> Path:
     """The initial student of a training seed, the same for every recipe: a tiny model initialised with the
     seed, or an existing model, optionally fine-tuned first (``pretrain``: MiniLLM's / DistiLLM's SFT init)."""
+    from .models import build_tiny
+
     out = suite.student_init_dir(seed)
     tok = load_tokenizer(suite.student_tokenizer_dir)
     entry = suite.student
@@ -310,6 +346,10 @@ def distill(suite: Suite, recipe: Recipe, seed: int, progress: bool = True, lr_i
     ``reuse_search``: a final run that the search already trained with the same inputs
     (:func:`reusable_search_run`) is copied from it rather than trained again.
     """
+    from . import modes
+    from .distill import TrainingFailed, TrainResult, disable_dropout, train
+    from .models import check_same_tokenizer
+
     out = suite.run_dir(recipe.name, seed) if lr_index is None else suite.tune_run_dir(recipe.name, lr_index, seed)
     out.mkdir(parents=True, exist_ok=True)
     if lr_index is None and reuse_search and int(os.environ.get("WORLD_SIZE", "1")) == 1:
@@ -407,6 +447,7 @@ def tune(suite: Suite, recipe: Recipe, progress: bool = True) -> Path:
     first grid value. Writes one record per run (``phase: tune``, for the leaderboard's search table) and
     ``chosen.json``.
     """
+    from .distill import TrainingFailed
     from .evaluation.evaluate_run import evaluate_model
     from .report.metric_info import is_higher_better
 
@@ -509,6 +550,8 @@ def lm_eval_tasks(suite: Suite, sets: dict[str, list[dict]]) -> tuple[dict, dict
 
 
 def held_out_batches(suite: Suite, tok, items: list[dict], batch_size: int = 64) -> list[dict]:
+    from .data import batching
+
     cfg = suite.training
     encoded = [batching.encode(tok, it, cfg.max_prompt_tokens, cfg.max_length) for it in items]
     return [batching.collate(encoded[i : i + batch_size], tok.pad_token_id) for i in range(0, len(encoded), batch_size)]

@@ -17,10 +17,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from .distill import TrainConfig
+from .train_config import TrainConfig
 from .recipes import Recipe, discover
 from .schema import ConfigError, Field, check, read_yaml
-from .teacher_cache import CACHE_SCHEMA
+from .cache_schema import CACHE_SCHEMA
 
 #: the suite's ``training:`` keys are TrainConfig's fields (the device comes from the suite's ``device``)
 _TRAIN_LIMITS = {

@@ -41,31 +41,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .data import batching
-from .schema import Field
+from .cache_schema import CACHE_SCHEMA, DTYPE_NAMES, MODES  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-MODES = ("exact", "sparse", "sampled")
-
-#: the suite's ``teacher_cache:`` section
-CACHE_SCHEMA = {
-    "mode": Field((str,), "exact", choices=MODES,
-                  help="exact: full rows; sparse: top-k + a flat tail (biased); sampled: k teacher samples "
-                       "(unbiased for fkl only)"),
-    "top_k": Field((int,), 64, ge=1, help="sparse: tokens kept per position"),
-    "samples": Field((int,), 64, ge=1, le=65535,
-                     help="sampled: tokens drawn (with replacement) from the teacher per position; the gradient "
-                          "noise per position is (1 - sum p^2) / samples"),
-    "temperature": Field((float,), 1.0, gt=0, le=100,
-                         help="sampled: the teacher temperature the samples are drawn at; unbiased only for "
-                              "loss terms with this same temperature (validation refuses others)"),
-    "seed": Field((int,), 0, ge=0, help="sampled: seed of the draws (each position has its own stream)"),
-    "dtype": Field((str,), "float16", choices=tuple(DTYPES), help="storage dtype of the log-probabilities"),
-    "batch_size": Field((int,), 64, ge=1, help="sequences per teacher forward while building the cache"),
-}
-
-
+assert tuple(DTYPES) == DTYPE_NAMES
 @dataclass
 class TeacherCache:
     mode: str  # "exact" | "sparse" | "sampled"

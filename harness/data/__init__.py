@@ -4,37 +4,56 @@ See each module's docstring for shapes and conventions; the item schema is docum
 ``harness.data.instruct`` and the (already shifted) label convention in ``harness.data.batching``.
 """
 
-from .batching import (
-    IGNORE_INDEX,
-    collate,
-    collate_prompts,
-    encode,
-    encode_prompt,
-    epoch_order,
-    iterate_batches,
-    num_batches,
-)
-from .errors import DataError
-from .instruct import (
-    HUB_LAYOUTS,
-    SET_SCHEMA,
-    check_data_plan,
-    check_no_overlap,
-    check_set_spec,
-    filter_long_prompts,
-    find_overlap,
-    hub_file,
-    load_eval_set,
-    load_jsonl,
-    load_set,
-    normalize_record,
-    prepare_instruct_data,
-    validate_item,
-    write_jsonl_atomic,
-)
-from .prompts import build_prompt
-from .tiny import generate_tiny, write_tiny
-from .tokenizer import item_texts, load_tokenizer, train_tokenizer
+#: public name -> submodule; loaded on first use (PEP 562), so `import harness.data` (and the steps that
+#: need only its torch-free parts: data, leaderboard, publish) does not import torch through batching
+_LAZY = {
+    "IGNORE_INDEX": "batching",
+    "collate": "batching",
+    "collate_prompts": "batching",
+    "encode": "batching",
+    "encode_prompt": "batching",
+    "epoch_order": "batching",
+    "iterate_batches": "batching",
+    "num_batches": "batching",
+    "DataError": "errors",
+    "HUB_LAYOUTS": "instruct",
+    "SET_SCHEMA": "instruct",
+    "check_data_plan": "instruct",
+    "check_no_overlap": "instruct",
+    "check_set_spec": "instruct",
+    "filter_long_prompts": "instruct",
+    "find_overlap": "instruct",
+    "hub_file": "instruct",
+    "load_eval_set": "instruct",
+    "load_jsonl": "instruct",
+    "load_set": "instruct",
+    "normalize_record": "instruct",
+    "prepare_instruct_data": "instruct",
+    "validate_item": "instruct",
+    "write_jsonl_atomic": "instruct",
+    "build_prompt": "prompts",
+    "generate_tiny": "tiny",
+    "write_tiny": "tiny",
+    "item_texts": "tokenizer",
+    "load_tokenizer": "tokenizer",
+    "train_tokenizer": "tokenizer",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
 
 __all__ = [
     "HUB_LAYOUTS",

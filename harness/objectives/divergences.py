@@ -195,6 +195,8 @@ def _exp_phi(base: Tensor, z: Tensor) -> Tensor:
     c = 0.05 if z.dtype == torch.float64 else 0.5
     a = z.abs()
     small, large = a < c, a > 1.0
+    if not (torch.is_grad_enabled() and (base.requires_grad or z.requires_grad)):
+        return _exp_phi_nograd(base, z, small, large)
     zs = torch.where(small, z, torch.zeros_like(z))
     poly = torch.full_like(z, _PHI_SERIES[-1])
     for coef in reversed(_PHI_SERIES[:-1]):
@@ -205,6 +207,22 @@ def _exp_phi(base: Tensor, z: Tensor) -> Tensor:
     zl = torch.where(large, z, torch.full_like(z, 2.0))
     far = torch.exp(base + zl) - torch.exp(base) * (1.0 + zl)
     return torch.where(large, far, torch.exp(base) * torch.where(small, series, middle))
+
+
+def _exp_phi_nograd(base: Tensor, z: Tensor, small: Tensor, large: Tensor) -> Tensor:
+    """:func:`_exp_phi` without a graph (the α-β forward): the same operations in the same order, so the same
+    floating-point result, in fewer passes over [N, V] (in-place Horner steps, e^base computed once)."""
+    zs = torch.where(small, z, 0.0)
+    poly = torch.full_like(z, _PHI_SERIES[-1])
+    for coef in reversed(_PHI_SERIES[:-1]):
+        poly.mul_(zs).add_(coef)
+    series = (zs * zs).mul_(poly)
+    zm = torch.where(small | large, 0.75, z)
+    middle = torch.expm1(zm).sub_(zm)
+    zl = torch.where(large, z, 2.0)
+    e_base = torch.exp(base)
+    far = torch.add(base, zl).exp_().sub_(e_base * zl.add_(1.0))
+    return far.where(large, e_base.mul_(series.where(small, middle)))
 
 
 _AB = "exponent of the {} in the alpha-beta divergence (any finite value; negative values weigh rare tokens heavily)"
@@ -248,10 +266,17 @@ def ab(log_q: Tensor, log_p: Tensor, alpha: float = 0.2, beta: float = 0.7) -> T
 
 
 def _ab_inputs(log_q: Tensor, log_p: Tensor):
-    """Padded entries (either side ``-inf``) replaced by 0 on both sides: d = 0 there, so they give 0."""
+    """Padded entries (either side ``-inf``) replaced by 0 on both sides: d = 0 there, so they give 0.
+    ``pad`` is None when no entry is padded (the usual case: nothing to replace)."""
     pad = _padded(log_p) | _padded(log_q)
-    zero = torch.zeros((), dtype=log_p.dtype, device=log_p.device)
-    return pad, torch.where(pad, zero, log_q), torch.where(pad, zero, log_p)
+    if not bool(pad.any()):
+        return None, log_q, log_p
+    return pad, torch.where(pad, 0.0, log_q), torch.where(pad, 0.0, log_p)
+
+
+def _unpad(pad: Tensor | None, x: Tensor) -> Tensor:
+    """``x`` with the padded entries set to 0 (nothing to do without padding)."""
+    return x if pad is None else torch.where(pad, 0.0, x)
 
 
 def _ab_terms(lq: Tensor, lp: Tensor, alpha: float, beta: float) -> Tensor:
@@ -279,8 +304,9 @@ def _ab_grad(lq: Tensor, lp: Tensor, alpha: float, beta: float) -> Tensor:
     base = alpha * lp + beta * lq
     z = -alpha * d
     big = z.abs() > 1.0
-    near = torch.exp(base) * torch.expm1(torch.where(big, torch.zeros_like(z), z)) / alpha
-    far = (torch.exp((alpha + beta) * lq) - torch.exp(base)) / alpha
+    e_base = torch.exp(base)
+    near = e_base * torch.expm1(torch.where(big, 0.0, z)) / alpha
+    far = (torch.exp((alpha + beta) * lq) - e_base) / alpha
     return torch.where(big, far, near)
 
 
@@ -294,19 +320,18 @@ class _ABDivergence(torch.autograd.Function):
         pad, lq, lp = _ab_inputs(log_q, log_p)
         ctx.save_for_backward(log_q, log_p)
         ctx.alpha, ctx.beta = alpha, beta
-        return torch.where(pad, torch.zeros((), dtype=lq.dtype, device=lq.device), _ab_terms(lq, lp, alpha, beta)).sum(-1)
+        return _unpad(pad, _ab_terms(lq, lp, alpha, beta)).sum(-1)
 
     @staticmethod
     def backward(ctx, grad_out):
         log_q, log_p = ctx.saved_tensors
         pad, lq, lp = _ab_inputs(log_q, log_p)
-        zero = torch.zeros((), dtype=lq.dtype, device=lq.device)
         g = grad_out.unsqueeze(-1)
         grad_q = grad_p = None
         if ctx.needs_input_grad[0]:
-            grad_q = g * torch.where(pad, zero, _ab_grad(lq, lp, ctx.alpha, ctx.beta))
+            grad_q = g * _unpad(pad, _ab_grad(lq, lp, ctx.alpha, ctx.beta))
         if ctx.needs_input_grad[1]:
-            grad_p = g * torch.where(pad, zero, _ab_grad(lp, lq, ctx.beta, ctx.alpha))
+            grad_p = g * _unpad(pad, _ab_grad(lp, lq, ctx.beta, ctx.alpha))
         return grad_q, grad_p, None, None
 
 
