@@ -64,8 +64,9 @@ def _tree_digest(root: Path, exclude: tuple[str, ...] = ()) -> str:
 
 @lru_cache(maxsize=1)
 def code_digest() -> str:
-    """The harness code that computes models and metrics (everything but ``report/`` and ``bench.py``)."""
-    return _tree_digest(PACKAGE, exclude=("report", "bench.py"))
+    """The harness code that computes models and metrics (everything but ``report/`` and the benchmarks, which no
+    pipeline step runs: ``bench.py``, ``bench_cache.py``)."""
+    return _tree_digest(PACKAGE, exclude=("report", "bench.py", "bench_cache.py"))
 
 
 @lru_cache(maxsize=1)
