@@ -18,6 +18,6 @@ def test_slurm_profile_dry_run_plans_the_paper_suite(tmp_path):
                     "--config", f"workdir={tmp_path / 'plan'}", f"results={tmp_path / 'plan-r'}")
     text = out.stdout + out.stderr
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", text, flags=re.M))
-    assert counts["distill"] == str(12 * 3)  # 12 recipes x 3 seeds, one job each (distill_jobs: per_run)
-    assert counts["evaluate"] == str(12 + 1)  # one job per recipe (all seeds) + the untrained student
+    assert counts["distill"] == str(15 * 3)  # 15 recipes x 3 seeds, one job each (distill_jobs: per_run)
+    assert counts["evaluate"] == str(15 + 1)  # one job per recipe (all seeds) + the untrained student
     assert counts["evaluate_teacher"] == "1"
