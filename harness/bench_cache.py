@@ -208,7 +208,8 @@ def markdown(res: dict, command: str) -> str:
         "Compare runs on their gradients / final scores, not on the logged KD loss.",
         "- The sparse cache is biased (its error does not fall with more data or seeds); its gradient error "
         "depends on how much mass the teacher puts outside the top-k.",
-        "- Final scores of distillation runs on each cache are not measured here (that needs suite runs).",
+        "- Final scores of distillation runs trained on each cache: `python -m harness.bench_cache scores` "
+        "(results/bench/teacher-cache-scores.md).",
         "",
     ]
     return "\n".join(lines)
