@@ -847,17 +847,14 @@ def synthetic_examples(n: int, length: int, vocab: int, seed: int) -> list[dict]
 
 
 def reference_batches(examples: list[dict], pad_id: int, batch_size: int, seed: int):
-    """``next_batch(i)`` as :func:`harness.steps.reference_batches` builds it (with ``example_ids``)."""
-    from .data import batching
-    from .distill import batch_order
+    """``next_batch(i)`` exactly as the pipeline builds it (:func:`harness.steps.reference_batches`, with
+    ``example_ids``), for ``batch_size`` rows."""
+    from types import SimpleNamespace
 
-    def next_batch(i: int) -> dict:
-        idx = batch_order(len(examples), batch_size, seed, i)
-        batch = batching.collate([examples[j] for j in idx], pad_id)
-        batch["example_ids"] = torch.tensor(idx)
-        return batch
+    from .steps import reference_batches as pipeline_batches
 
-    return next_batch
+    return pipeline_batches(SimpleNamespace(training=SimpleNamespace(per_device_train_batch_size=batch_size)),
+                            examples, pad_id, seed)
 
 
 def time_steps(student, next_batch, cfg, objective: str, teacher_fn) -> tuple[list[float], list[float], dict]:

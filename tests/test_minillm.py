@@ -20,12 +20,8 @@ import torch
 import yaml
 
 from harness import objectives
-from harness.data.batching import collate, encode
-from harness.data.tiny import generate_tiny
-from harness.data.tokenizer import item_texts, train_tokenizer
-from harness.distill import TrainConfig, batch_order, train
-from harness.models import build_tiny
-from harness.modes import ModeContext, build, needs_student_samples
+from harness.distill import TrainConfig, train
+from harness.modes import build, needs_student_samples
 from harness.objectives.composite import Term, WeightedLoss
 from harness.objectives.minillm import minillm
 
@@ -197,40 +193,8 @@ def test_minillm_refuses_the_per_position_path_and_batches_without_the_mode():
 
 
 # ------------------------------------------------------------------------------------------- the mode
-@pytest.fixture(scope="module")
-def tiny():
-    data = generate_tiny(seed=0, n_train=64, n_valid=10, n_test=10, prompt_style="short")
-    tok = train_tokenizer(item_texts(data["train"]), 300)
-    examples = [encode(tok, it, MAX_PROMPT, MAX_LEN) for it in data["train"]]
-    special = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
-    return {"tok": tok, "examples": examples, "special": special}
-
-
-def model(tiny, seed, force_token=None, layers=1, width=32):
-    m = build_tiny({"arch": "gpt2", "n_layer": layers, "n_embd": width, "n_head": 2}, len(tiny["tok"]), seed=seed,
-                   max_positions=64, special_ids=tiny["special"])
-    if force_token is not None:
-        bias = torch.zeros(len(tiny["tok"]))
-        bias[force_token] = 60.0
-        m.lm_head.register_forward_hook(lambda mod, inp, out: out + bias)
-    return m
-
-
-TEACHER_TOKEN, STUDENT_TOKEN = 11, 12
-
-
-def ctx(tiny, *, student, teacher, seed=0, steps=4):
-    examples, pad = tiny["examples"], tiny["tok"].pad_token_id
-
-    def reference(i):
-        idx = batch_order(len(examples), BS, seed, i)
-        batch = collate([examples[j] for j in idx], pad)
-        batch["example_ids"] = torch.tensor(idx)
-        return batch
-
-    return ModeContext(reference=reference, student=student, tokenizer=tiny["tok"], pad_id=pad, seed=seed,
-                       max_steps=steps, batch_size=BS, n_train=len(examples), max_length=MAX_LEN,
-                       max_new_tokens=NEW, teacher=teacher)
+# the tiny data, models and mode context of the sequence-level tests (same sizes: BS, MAX_LEN, MAX_PROMPT, NEW)
+from .test_sequence_level import STUDENT_TOKEN, TEACHER_TOKEN, ctx, model, tiny  # noqa: E402,F401 (tiny: a fixture)
 
 
 def responses(batch, rows):
