@@ -141,32 +141,30 @@ for VIEW in VIEWS:
     T = VIEW.teacher_seed
     SFX = "" if VIEW.primary_teacher else f"_{T}"
     TFP = FP.for_teacher(T)
-    TARGS = f"{ARGS} --teacher-seed {T}"
 
     rule:
         name: f"teacher{SFX}"
         input: W / "tokenizer" / "tokenizer.json"
         output: VIEW.teacher_dir / "teacher.json"
-        params: fp=TFP.teacher(), args=TARGS
+        params: tseed=T, fp=TFP.teacher()
         threads: SUITE.threads_per_job  # tiny models: one thread is faster than two (measured)
         resources: gpu=GPU, **RESOURCES.get("teacher", {})
         log: W / "logs" / f"teacher{SFX}.log"
         benchmark: W / "benchmarks" / f"teacher{SFX}.tsv"
-        shell: "{CLI} teacher {params.args} > {log} 2>&1"
+        shell: "{CLI} teacher {ARGS} --teacher-seed {params.tseed} > {log} 2>&1"
 
     if CACHE:
         rule:
             name: f"teacher_cache{SFX}"
             input: VIEW.teacher_dir / "teacher.json"
             output: VIEW.cache_path
-            params: fp=TFP.teacher_cache(), args=TARGS
+            params: tseed=T, fp=TFP.teacher_cache()
             threads: SUITE.threads_per_job
             resources: gpu=GPU, **RESOURCES.get("teacher", {})
             log: W / "logs" / f"teacher_cache{SFX}.log"
             benchmark: W / "benchmarks" / f"teacher_cache{SFX}.tsv"
-            shell: "{CLI} teacher-cache {params.args} > {log} 2>&1"
+            shell: "{CLI} teacher-cache {ARGS} --teacher-seed {params.tseed} > {log} 2>&1"
 
-    RUNS = "runs" if VIEW.primary_teacher else f"runs-teacher{T}"  # = VIEW.run_dir's layout (teacher users)
     if SUITE.distill_jobs == "per_recipe":
         rule:
             # one job per recipe trains every seed (one process: start-up and loading paid once — small models);
@@ -176,14 +174,14 @@ for VIEW in VIEWS:
                 teacher_inputs(VIEW),
                 [W / "student_init" / f"seed{s}" / "config.json" for s in SEEDS],
                 sources=lambda wc: RECIPES[wc.recipe].source_files(),  # the recipe and its user objective modules
-            output: [W / RUNS / "{recipe}" / f"seed{s}" / "run.json" for s in SEEDS]
+            output: [VIEW.run_dir("{recipe}", s) / "run.json" for s in SEEDS]  # the view's layout (teacher users)
             threads: SUITE.threads_per_job * SUITE.num_processes
             resources: gpu=GPU * SUITE.num_processes, **RESOURCES.get("distill", {})
             log: W / "logs" / (f"distill{SFX}_" + "{recipe}.log")
             benchmark: W / "benchmarks" / (f"distill{SFX}_" + "{recipe}.tsv")
-            params: fp=lambda wc, f=TFP: digest([f.run(wc.recipe, s) for s in SEEDS]), launch=LAUNCH,
-                    seeds=" ".join(f"--seed {s}" for s in SEEDS), args=TARGS
-            shell: "{params.launch} distill {params.args} --recipe {wildcards.recipe} {params.seeds} > {log} 2>&1"
+            params: tseed=T, fp=lambda wc, f=TFP: digest([f.run(wc.recipe, s) for s in SEEDS]), launch=LAUNCH,
+                    seeds=" ".join(f"--seed {s}" for s in SEEDS)
+            shell: "{params.launch} distill {ARGS} --teacher-seed {params.tseed} --recipe {wildcards.recipe} {params.seeds} > {log} 2>&1"
     else:
         rule:
             # one job per (recipe, seed): runs in parallel on a cluster or several GPUs
@@ -192,13 +190,13 @@ for VIEW in VIEWS:
                 teacher_inputs(VIEW),
                 W / "student_init" / "seed{seed}" / "config.json",
                 sources=lambda wc: RECIPES[wc.recipe].source_files(),
-            output: W / RUNS / "{recipe}" / "seed{seed}" / "run.json"
+            output: VIEW.run_dir("{recipe}", "{seed}") / "run.json"
             threads: SUITE.threads_per_job * SUITE.num_processes
             resources: gpu=GPU * SUITE.num_processes, **RESOURCES.get("distill", {})
             log: W / "logs" / (f"distill{SFX}_" + "{recipe}_{seed}.log")
             benchmark: W / "benchmarks" / (f"distill{SFX}_" + "{recipe}_{seed}.tsv")
-            params: fp=lambda wc, f=TFP: f.run(wc.recipe, int(wc.seed)), launch=LAUNCH, args=TARGS
-            shell: "{params.launch} distill {params.args} --recipe {wildcards.recipe} --seed {wildcards.seed} > {log} 2>&1"
+            params: tseed=T, fp=lambda wc, f=TFP: f.run(wc.recipe, int(wc.seed)), launch=LAUNCH
+            shell: "{params.launch} distill {ARGS} --teacher-seed {params.tseed} --recipe {wildcards.recipe} --seed {wildcards.seed} > {log} 2>&1"
 
     def evaluate_inputs(wildcards, view=VIEW):
         """One evaluate job per target covers all its seeds: the teacher and the data are loaded once."""
@@ -211,24 +209,24 @@ for VIEW in VIEWS:
         name: f"evaluate{SFX}"
         input: evaluate_inputs
         output: [VIEW.records_dir / "{target}" / f"seed{s}" / f"{x}.json" for s in SEEDS for x in SETS]
-        params: fp=lambda wc, f=TFP: digest([f.record(wc.target, s) for s in SEEDS]),
-                seeds=" ".join(f"--seed {s}" for s in SEEDS), args=TARGS
+        params: tseed=T, fp=lambda wc, f=TFP: digest([f.record(wc.target, s) for s in SEEDS]),
+                seeds=" ".join(f"--seed {s}" for s in SEEDS)
         threads: SUITE.threads_per_job
         resources: gpu=GPU, **RESOURCES.get("evaluate", {})
         log: W / "logs" / (f"evaluate{SFX}_" + "{target}.log")
         benchmark: W / "benchmarks" / (f"evaluate{SFX}_" + "{target}.tsv")
-        shell: "{CLI} evaluate {params.args} --target {wildcards.target} {params.seeds} > {log} 2>&1"
+        shell: "{CLI} evaluate {ARGS} --teacher-seed {params.tseed} --target {wildcards.target} {params.seeds} > {log} 2>&1"
 
     rule:
         name: f"evaluate_teacher{SFX}"
         input: VIEW.teacher_dir / "teacher.json"
         output: [VIEW.records_dir / "teacher" / "seed0" / f"{x}.json" for x in SETS]
-        params: fp=TFP.record("teacher", 0), args=TARGS
+        params: tseed=T, fp=TFP.record("teacher", 0)
         threads: SUITE.threads_per_job
         resources: gpu=GPU, **RESOURCES.get("evaluate", {})
         log: W / "logs" / f"evaluate_teacher{SFX}.log"
         benchmark: W / "benchmarks" / f"evaluate_teacher{SFX}.tsv"
-        shell: "{CLI} evaluate {params.args} --target teacher --seed 0 > {log} 2>&1"
+        shell: "{CLI} evaluate {ARGS} --teacher-seed {params.tseed} --target teacher --seed 0 > {log} 2>&1"
 
 
 rule leaderboard:
@@ -241,7 +239,7 @@ rule leaderboard:
         SUITE.leaderboard_dir / "scores.csv",
         SUITE.leaderboard_dir / "provenance.json",
         report(SUITE.leaderboard_dir / "plots" / "scores.png", category="Plots"),
-    params: fp=FP.plan_digest()
+    params: tseed=T, fp=FP.plan_digest()
     log: W / "logs" / "leaderboard.log"
     benchmark: W / "benchmarks" / "leaderboard.tsv"
     shell: "{CLI} leaderboard {ARGS} > {log} 2>&1"

@@ -130,6 +130,15 @@ def test_a_rerun_after_success_does_nothing(smoke_run):
     _, overrides = smoke_run
     out = snakemake("-n", *overrides)
     assert "Nothing to be done" in out.stdout + out.stderr
+    # the same suite from a file at another path: another resolved config file, the same plan — nothing re-runs
+    # (a step's parameters hold its fingerprint and teacher seed, never the resolved file's name)
+    tmp, _ = smoke_run
+    copy = tmp / "two-teachers-copy.yaml"  # the last config file names the suite's origin
+    copy.write_text((tmp / "two-teachers.yaml").read_text())
+    moved = [str(copy) if a == str(tmp / "two-teachers.yaml") else a for a in overrides]
+    assert moved != overrides
+    out = snakemake("-n", *moved)
+    assert "Nothing to be done" in out.stdout + out.stderr, out.stdout[-3000:]
 
 
 @pytest.mark.slow
