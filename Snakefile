@@ -46,7 +46,12 @@ FP = Fingerprints(SUITE, RECIPES)
 SEEDS = SUITE.seeds
 SETS = [s["name"] for s in SUITE.evaluation["sets"]]
 W = SUITE.workdir
-CLI = f"exec {sys.executable} -m harness.cli --no-progress"  # exec: killing the job kills the step itself
+# exec: killing the job kills the step itself. On a CPU, steps run in a warm worker (harness/forkserver.py: torch,
+# transformers and lm-eval imported once, a fork per step); DISTILLBENCH_WORKER=0 in the environment turns it off.
+WORKER = "${DISTILLBENCH_WORKER:-1}" if resolve_device(SUITE.device) == "cpu" else "0"
+CLI = f"DISTILLBENCH_WORKER={WORKER} exec {sys.executable} -m harness.cli --no-progress"
+# under the worker the step is not in the job's process tree: the client writes its CPU time and peak RSS here
+USAGE = "DISTILLBENCH_WORKER_USAGE={log}.usage.json"
 ARGS = f"--config {SUITE_FILE} --threads {SUITE.threads_per_job}"
 GPU = 0 if resolve_device(SUITE.device) == "cpu" else 1  # one GPU per job; constrain with --resources gpu=N
 RESOURCES = dict(config.get("resources") or {})
@@ -100,7 +105,7 @@ rule data:
     output: [W / "data" / f"{split}.jsonl" for split in ("train", "valid", "test") if SUITE.data["kind"] == "tiny" or SUITE.data.get(split) is not None]
     params: fp=FP.data()
     log: W / "logs" / "data.log"
-    shell: "{CLI} data {ARGS} > {log} 2>&1"
+    shell: USAGE + " {CLI} data {ARGS} > {log} 2>&1"
 
 
 rule tokenizer:
@@ -108,7 +113,7 @@ rule tokenizer:
     output: [W / "tokenizer" / "tokenizer.json"] + ([SUITE.student_tokenizer_dir / "tokenizer.json"] if SUITE.cross_tokenizer else [])
     params: fp=FP.tokenizer(), student=digest(SUITE.student["tokenizer"])  # the student's own tokenizer, if any
     log: W / "logs" / "tokenizer.log"
-    shell: "{CLI} tokenizer {ARGS} > {log} 2>&1"
+    shell: USAGE + " {CLI} tokenizer {ARGS} > {log} 2>&1"
 
 
 rule student_init:
@@ -117,7 +122,7 @@ rule student_init:
     params: fp=lambda wc: FP.student_init(int(wc.seed))
     log: W / "logs" / "student_init_{seed}.log"
     benchmark: W / "benchmarks" / "student_init_{seed}.tsv"
-    shell: "{CLI} student-init {ARGS} --seed {wildcards.seed} > {log} 2>&1"
+    shell: USAGE + " {CLI} student-init {ARGS} --seed {wildcards.seed} > {log} 2>&1"
 
 
 if SUITE.tuning:
@@ -133,7 +138,7 @@ if SUITE.tuning:
         log: W / "logs" / "tune_{recipe}.log"
         benchmark: W / "benchmarks" / "tune_{recipe}.tsv"
         params: fp=lambda wc: digest(sorted(FP.tuning_records(wc.recipe).values()))
-        shell: "{CLI} tune {ARGS} --recipe {wildcards.recipe} > {log} 2>&1"
+        shell: USAGE + " {CLI} tune {ARGS} --recipe {wildcards.recipe} > {log} 2>&1"
 
 
 # the rules that depend on the teacher, once per teacher seed (rule names: teacher, teacher_1, distill_1, ...)
@@ -151,7 +156,7 @@ for VIEW in VIEWS:
         resources: gpu=GPU, **RESOURCES.get("teacher", {})
         log: W / "logs" / f"teacher{SFX}.log"
         benchmark: W / "benchmarks" / f"teacher{SFX}.tsv"
-        shell: "{CLI} teacher {ARGS} --teacher-seed {params.tseed} > {log} 2>&1"
+        shell: USAGE + " {CLI} teacher {ARGS} --teacher-seed {params.tseed} > {log} 2>&1"
 
     if CACHE:
         rule:
@@ -163,7 +168,7 @@ for VIEW in VIEWS:
             resources: gpu=GPU, **RESOURCES.get("teacher", {})
             log: W / "logs" / f"teacher_cache{SFX}.log"
             benchmark: W / "benchmarks" / f"teacher_cache{SFX}.tsv"
-            shell: "{CLI} teacher-cache {ARGS} --teacher-seed {params.tseed} > {log} 2>&1"
+            shell: USAGE + " {CLI} teacher-cache {ARGS} --teacher-seed {params.tseed} > {log} 2>&1"
 
     if SUITE.distill_jobs == "per_recipe":
         rule:
@@ -181,7 +186,7 @@ for VIEW in VIEWS:
             benchmark: W / "benchmarks" / (f"distill{SFX}_" + "{recipe}.tsv")
             params: tseed=T, fp=lambda wc, f=TFP: digest([f.run(wc.recipe, s) for s in SEEDS]), launch=LAUNCH,
                     seeds=" ".join(f"--seed {s}" for s in SEEDS)
-            shell: "{params.launch} distill {ARGS} --teacher-seed {params.tseed} --recipe {wildcards.recipe} {params.seeds} > {log} 2>&1"
+            shell: USAGE + " {params.launch} distill {ARGS} --teacher-seed {params.tseed} --recipe {wildcards.recipe} {params.seeds} > {log} 2>&1"
     else:
         rule:
             # one job per (recipe, seed): runs in parallel on a cluster or several GPUs
@@ -196,7 +201,7 @@ for VIEW in VIEWS:
             log: W / "logs" / (f"distill{SFX}_" + "{recipe}_{seed}.log")
             benchmark: W / "benchmarks" / (f"distill{SFX}_" + "{recipe}_{seed}.tsv")
             params: tseed=T, fp=lambda wc, f=TFP: f.run(wc.recipe, int(wc.seed)), launch=LAUNCH
-            shell: "{params.launch} distill {ARGS} --teacher-seed {params.tseed} --recipe {wildcards.recipe} --seed {wildcards.seed} > {log} 2>&1"
+            shell: USAGE + " {params.launch} distill {ARGS} --teacher-seed {params.tseed} --recipe {wildcards.recipe} --seed {wildcards.seed} > {log} 2>&1"
 
     def evaluate_inputs(wildcards, view=VIEW):
         """One evaluate job per target covers all its seeds: the teacher and the data are loaded once."""
@@ -215,7 +220,7 @@ for VIEW in VIEWS:
         resources: gpu=GPU, **RESOURCES.get("evaluate", {})
         log: W / "logs" / (f"evaluate{SFX}_" + "{target}.log")
         benchmark: W / "benchmarks" / (f"evaluate{SFX}_" + "{target}.tsv")
-        shell: "{CLI} evaluate {ARGS} --teacher-seed {params.tseed} --target {wildcards.target} {params.seeds} > {log} 2>&1"
+        shell: USAGE + " {CLI} evaluate {ARGS} --teacher-seed {params.tseed} --target {wildcards.target} {params.seeds} > {log} 2>&1"
 
     rule:
         name: f"evaluate_teacher{SFX}"
@@ -226,7 +231,7 @@ for VIEW in VIEWS:
         resources: gpu=GPU, **RESOURCES.get("evaluate", {})
         log: W / "logs" / f"evaluate_teacher{SFX}.log"
         benchmark: W / "benchmarks" / f"evaluate_teacher{SFX}.tsv"
-        shell: "{CLI} evaluate {ARGS} --teacher-seed {params.tseed} --target teacher --seed 0 > {log} 2>&1"
+        shell: USAGE + " {CLI} evaluate {ARGS} --teacher-seed {params.tseed} --target teacher --seed 0 > {log} 2>&1"
 
 
 rule leaderboard:
@@ -242,4 +247,4 @@ rule leaderboard:
     params: tseed=T, fp=FP.plan_digest()
     log: W / "logs" / "leaderboard.log"
     benchmark: W / "benchmarks" / "leaderboard.tsv"
-    shell: "{CLI} leaderboard {ARGS} > {log} 2>&1"
+    shell: USAGE + " {CLI} leaderboard {ARGS} > {log} 2>&1"

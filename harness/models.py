@@ -25,7 +25,11 @@ class ModelError(ValueError):
 
 
 def build_tiny(spec: dict, vocab_size: int, seed: int, max_positions: int, special_ids: dict):
-    """Build a randomly initialised causal LM from a tiny architecture spec (deterministic in ``seed``)."""
+    """Build a randomly initialised causal LM from a tiny architecture spec (deterministic in ``seed``).
+
+    GPT-2: no dropout, and GPT-2's tanh-approximated GELU computed by torch's fused kernel
+    (``gelu_pytorch_tanh``: the same formula as GPT-2's ``gelu_new``, one op instead of seven; a tiny training
+    step is ~15% cheaper on a CPU, measured)."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     arch = spec.get("arch", "gpt2")
@@ -34,7 +38,7 @@ def build_tiny(spec: dict, vocab_size: int, seed: int, max_positions: int, speci
     if arch == "gpt2":
         config = GPT2Config(
             vocab_size=vocab_size, n_positions=max_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **special_ids,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, activation_function="gelu_pytorch_tanh", **special_ids,
         )
         return GPT2LMHeadModel(config)
     if arch == "llama":

@@ -3,11 +3,16 @@
 Each heavy rule writes ``work/<suite>/benchmarks/<rule>[_<wildcards>].tsv`` (wall seconds ``s``, ``cpu_time``,
 ``max_rss`` in MB, ...). :func:`timings_table` sums them per rule; the leaderboard step writes the table to
 ``work/<suite>/timings.md`` and ``distillbench publish`` publishes it next to the leaderboard.
+
+A step run by the warm worker (:mod:`harness.forkserver`) is a child of the worker, not of the job Snakemake
+measures: its CPU seconds and peak RSS come from ``logs/<same stem>.log.usage.json``, which the job's client writes
+(added to the client's own CPU time; the larger RSS).
 """
 
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 RULES = ("teacher_cache", "teacher", "student_init", "tune", "distill", "evaluate_teacher", "evaluate", "leaderboard")
@@ -20,13 +25,22 @@ def _rule(stem: str) -> str:
     return stem
 
 
+def _with_worker_usage(rec: dict, bench: Path) -> dict:
+    usage = bench.parent.parent / "logs" / f"{bench.stem}.log.usage.json"
+    if not usage.exists():
+        return rec
+    worker = json.loads(usage.read_text())
+    cpu = float(rec.get("cpu_time") or 0.0) + float(worker["cpu_s"])
+    return {**rec, "cpu_time": cpu, "max_rss": max(float(rec.get("max_rss") or 0.0), float(worker["max_rss_mb"]))}
+
+
 def timings_table(bench_dir: Path) -> str:
     """A Markdown table: per rule, jobs, total and mean wall seconds, total CPU seconds, largest peak RSS."""
     rows: dict[str, list[dict]] = {}
     for path in sorted(Path(bench_dir).glob("*.tsv")):
         with open(path, newline="") as fh:
             for rec in csv.DictReader(fh, delimiter="\t"):
-                rows.setdefault(_rule(path.stem), []).append(rec)
+                rows.setdefault(_rule(path.stem), []).append(_with_worker_usage(rec, path))
     if not rows:
         return "(no benchmark files)\n"
 
