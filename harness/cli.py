@@ -245,13 +245,14 @@ def _die_with_parent() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None and os.environ.get("DISTILLBENCH_WORKER") == "1" and sys.argv[1:2] != ["--help"]:
-        from .forkserver import run_in_worker  # a thin client: the warm worker runs the step (harness/forkserver.py)
+    if argv is None and os.environ.get("DISTILLBENCH_WORKER") == "1":
+        from .forkserver import run_in_worker, wanted  # a thin client: the warm worker runs the step
 
-        _die_with_parent()
-        code = run_in_worker(sys.argv[1:])
-        if code is not None:
-            return code
+        if wanted(sys.argv[1:]):
+            _die_with_parent()
+            code = run_in_worker(sys.argv[1:])
+            if code is not None:
+                return code
     if argv is None and os.environ.get("DISTILLBENCH_WORKER_USAGE"):  # this process is the step: no worker usage
         Path(os.environ["DISTILLBENCH_WORKER_USAGE"]).unlink(missing_ok=True)
     args = _parser().parse_args(argv)

@@ -16,6 +16,7 @@ Safety
   request (``DISTILLBENCH_WORKER_IDLE``, default 60).
 - A client killed (Snakemake cancels a job) closes its socket; the worker then terminates that child (SIGTERM,
   SIGKILL after 5 s). A worker that dies takes its children with it (``PR_SET_PDEATHSIG``).
+- Never inside a SLURM job (:func:`wanted`): a worker would live in the cgroup of the job that started it.
 - When anything fails before the step starts (no worker can be started, a request is refused), the client runs
   the step itself, in-process, as without the worker: the worker only ever saves time.
 - The child's CPU time and peak memory are not in the client's process tree (Snakemake's benchmark measures the
@@ -174,9 +175,13 @@ def _start_worker(path: Path, key: str) -> socket.socket | None:
 def run_in_worker(argv: list[str], entry: str = "harness.cli:main") -> int | None:
     """Run ``entry(argv)`` (``module:function``; by default ``harness.cli.main``) in the warm worker and return
     its exit status; ``None`` when no worker could take it (nothing ran: the caller runs the step itself)."""
-    key = worker_key()
-    path = socket_path(key)
-    sock = _connect(path) or _start_worker(path, key)
+    try:
+        key = worker_key()
+        path = socket_path(key)
+        sock = _connect(path) or _start_worker(path, key)
+    except OSError as exc:  # e.g. no writable temporary directory
+        print(f"distillbench: no warm worker ({exc}); running the step in this process", file=sys.stderr)
+        return None
     if sock is None:
         print("distillbench: the warm worker did not start (see its log in "
               f"{path.with_suffix('.log')}); running the step in this process", file=sys.stderr)
@@ -184,11 +189,18 @@ def run_in_worker(argv: list[str], entry: str = "harness.cli:main") -> int | Non
     with sock:
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
-        _send(sock, {"argv": list(argv), "cwd": os.getcwd(), "env": dict(os.environ), "entry": entry}, [0, 1, 2])
-        ack, _ = _recv(sock)
-        if ack is None or "pid" not in ack:  # the worker closed before forking: nothing ran
+        try:
+            _send(sock, {"argv": list(argv), "cwd": os.getcwd(), "env": dict(os.environ), "entry": entry},
+                  [0, 1, 2])
+            ack, _ = _recv(sock)
+        except OSError:  # the worker was closing (idle): it never saw the request
+            ack = None
+        if ack is None or "pid" not in ack:  # nothing ran
             return None
-        done, _ = _recv(sock)
+        try:
+            done, _ = _recv(sock)
+        except OSError:
+            done = None
     if done is None:
         print(f"distillbench: the warm worker stopped while it ran the step (pid {ack['pid']})", file=sys.stderr)
         return 1
@@ -196,6 +208,14 @@ def run_in_worker(argv: list[str], entry: str = "harness.cli:main") -> int | Non
         Path(os.environ[USAGE_ENV]).write_text(json.dumps({"cpu_s": done["cpu_s"],
                                                            "max_rss_mb": done["max_rss_mb"]}) + "\n")
     return int(done["code"])
+
+
+def wanted(argv: list[str], env: dict[str, str] | None = None) -> bool:
+    """Whether this ``harness.cli`` invocation should go to the warm worker: ``DISTILLBENCH_WORKER=1``, not
+    ``--help``, and not inside a SLURM job (a worker started by one job would live in that job's cgroup and
+    die with it, taking other jobs' steps along)."""
+    env = os.environ if env is None else env
+    return env.get(ENV) == "1" and "SLURM_JOB_ID" not in env and not {"-h", "--help"} & set(argv)
 
 
 # ----------------------------------------------------------------------------------------------------------

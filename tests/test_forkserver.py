@@ -148,3 +148,22 @@ def test_a_pipeline_step_in_the_worker_writes_the_same_bytes_as_in_its_own_proce
     for rel in weights:
         assert (tmp_path / "inline" / rel).read_bytes() == (tmp_path / "worker" / rel).read_bytes(), rel
     assert list((tmp_path / "rt").rglob("*.sock")), "the worker was not used"
+
+
+def test_not_inside_slurm_jobs_nor_for_help():
+    from harness.forkserver import wanted
+
+    assert wanted(["distill", "--config", "x"], {"DISTILLBENCH_WORKER": "1"})
+    assert not wanted(["distill"], {"DISTILLBENCH_WORKER": "1", "SLURM_JOB_ID": "42"})
+    assert not wanted(["distill", "--help"], {"DISTILLBENCH_WORKER": "1"})
+    assert not wanted(["distill"], {"DISTILLBENCH_WORKER": "0"})
+
+
+def test_a_stale_socket_left_by_a_killed_worker_is_replaced(env):
+    first = json.loads(client(env, "echo", "0").stdout)
+    os.kill(first["ppid"], signal.SIGKILL)  # the worker dies without removing its socket
+    sockets = list(Path(env["DISTILLBENCH_WORKER_DIR"]).rglob("*.sock"))
+    assert len(sockets) == 1
+    second = client(env, "echo", "0")
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout)["ppid"] != first["ppid"]
