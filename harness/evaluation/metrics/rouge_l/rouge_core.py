@@ -17,13 +17,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-from rouge_score import rouge_scorer
+if TYPE_CHECKING:
+    from rouge_score.rouge_scorer import RougeScorer
 
 
 @lru_cache(maxsize=1)
-def make_scorer() -> rouge_scorer.RougeScorer:
-    """The MiniLLM scorer: ROUGE-L with Porter stemming (cached; the scorer is stateless)."""
+def make_scorer() -> RougeScorer:
+    """The MiniLLM scorer: ROUGE-L with Porter stemming (cached; the scorer is stateless).
+
+    ``rouge_score`` is imported here, not at module level: it imports all of ``nltk`` (for the Porter
+    stemmer; ~1 s with the scikit-learn and SciPy modules nltk pulls in), which only scoring needs."""
+    from rouge_score import rouge_scorer
+
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
