@@ -32,6 +32,7 @@ are logged as truncated.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -177,8 +178,11 @@ def model_context_length(model) -> int | None:
     return None
 
 
-def _n_tokens(tokenizer, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+def _n_tokens(tokenizer, texts: list[str]) -> list[int]:
+    """The token count of each text (no special tokens), in one batched tokenizer call."""
+    if not texts:
+        return []
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 def fit_max_gen_toks(name: str, records: Iterable[Mapping[str, Any]], tokenizer, context: int,
@@ -186,7 +190,7 @@ def fit_max_gen_toks(name: str, records: Iterable[Mapping[str, Any]], tokenizer,
     """``min(requested, context − longest prompt)``: the most new tokens a ``generate_until`` task may ask
     for without lm-eval cutting any prompt. Raises ``ValueError`` (naming the task) when the longest
     prompt leaves no room."""
-    longest = max((_n_tokens(tokenizer, str(r["prompt"])) for r in records), default=0)
+    longest = max(_n_tokens(tokenizer, [str(r["prompt"]) for r in records]), default=0)
     room = context - longest
     if room < 1:
         raise ValueError(f"lm-eval task {name}: its longest prompt has {longest} tokens and the model's context is "
@@ -208,9 +212,8 @@ def _fit_tasks(task_data: Mapping[str, TaskSpec], tokenizer, context: int | None
         if context is not None and kind == "gen":
             entry["max_gen_toks"] = fit_max_gen_toks(name, records, tokenizer, context, requested)
         elif context is not None and kind == "mc":
-            too_long = sum(
-                1 for r in records
-                if any(_n_tokens(tokenizer, str(r["prompt"]) + str(c)) > context for c in r["choices"]))
+            lengths = iter(_n_tokens(tokenizer, [str(r["prompt"]) + str(c) for r in records for c in r["choices"]]))
+            too_long = sum(1 for r in records if max([next(lengths) for _ in r["choices"]], default=0) > context)
             if too_long:
                 log.warning("lm-eval task %s: %d item(s) longer than the model's context (%d tokens) are "
                             "truncated from the left", name, too_long, context)
@@ -256,12 +259,10 @@ _TASK_CACHE_SIZE = 4
 
 
 def _tasks_key(fitted: Mapping[str, Mapping[str, Any]], standard_tasks: list[str]) -> str:
-    """What a built task dict depends on: the fitted task entries, each data file's size and mtime, and
+    """What a built task dict depends on: the fitted task entries, each data file's content (SHA-256), and
     the standard task names."""
-    files = {}
-    for entry in fitted.values():
-        st = Path(entry["path"]).expanduser().resolve().stat()
-        files[entry["path"]] = [st.st_size, st.st_mtime_ns]
+    files = {entry["path"]: hashlib.sha256(Path(entry["path"]).expanduser().resolve().read_bytes()).hexdigest()
+             for entry in fitted.values()}
     return json.dumps([fitted, files, standard_tasks], sort_keys=True, default=str)
 
 
