@@ -40,6 +40,7 @@ import random
 import tempfile
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -291,6 +292,59 @@ def _load_tasks(fitted: Mapping[str, Mapping[str, Any]], standard_tasks: list[st
     return loaded
 
 
+@lru_cache(maxsize=1)
+def _fast_path() -> bool:
+    """Whether the installed lm-eval is one :func:`_evaluate_cached_tasks` was checked against (>= 0.4.13:
+    ``TaskManager.load`` and that ``simple_evaluate``); older ones go through ``simple_evaluate``."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    return Version(version("lm_eval")) >= Version("0.4.13")
+
+
+def _simple_evaluate(lm, fitted: Mapping[str, Mapping[str, Any]], standard_tasks: list[str], *,
+                     limit, seed: int) -> dict[str, Any] | None:
+    """lm-eval's ``simple_evaluate`` on the fitted local tasks (a fresh temporary include dir) and the
+    standard tasks: builds the tasks and reports the environment on every call."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    with tempfile.TemporaryDirectory(prefix="distillbench_lm_eval_") as include_dir:
+        write_task_configs(fitted, include_dir)
+        task_manager = TaskManager(include_path=include_dir if fitted else None,
+                                   include_defaults=bool(standard_tasks))
+        return lm_eval.simple_evaluate(
+            model=lm, tasks=list(fitted) + list(standard_tasks), task_manager=task_manager, limit=limit,
+            log_samples=False, bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed,
+            torch_random_seed=seed, fewshot_random_seed=seed)
+
+
+def _evaluate_cached_tasks(lm, fitted: Mapping[str, Mapping[str, Any]], standard_tasks: list[str], *,
+                           limit, seed: int) -> dict[str, Any] | None:
+    """What :func:`_simple_evaluate` computes, the same numbers, less what only feeds ``simple_evaluate``'s
+    result metadata (``add_env_info`` runs torch's ``collect_env``: ~0.25 s a call) and with the tasks built
+    once per process (:func:`_load_tasks`). The steps of lm-eval 0.4.13 ``simple_evaluate`` for these
+    arguments: seed python / numpy / torch, load the tasks, default ``num_fewshot`` to 0, seed the few-shot
+    sampler, ``evaluate`` with ``simple_evaluate``'s defaults."""
+    from lm_eval.evaluator import evaluate
+    from lm_eval.utils import set_torch_seed
+
+    random.seed(seed)
+    np.random.seed(seed)
+    set_torch_seed(seed)
+    loaded = _load_tasks(fitted, standard_tasks)
+    for task_obj in loaded["tasks"].values():
+        if task_obj.get_config("num_fewshot") is None:
+            task_obj.set_config(key="num_fewshot", value=0)
+        task_obj.set_fewshot_seed(seed=seed)
+    return evaluate(
+        lm=lm, task_dict=loaded, limit=limit, samples=None, cache_requests=False,
+        rewrite_requests_cache=False, bootstrap_iters=0, write_out=False, log_samples=False,
+        system_instruction=None, apply_chat_template=False, fewshot_as_multiturn=True, verbosity=None,
+        confirm_run_unsafe_code=False)
+
+
 def run_lm_eval(
     model,
     tokenizer,
@@ -320,9 +374,7 @@ def run_lm_eval(
         ``{"lm_eval/<task>/<metric>": value}`` (e.g. ``acc``, ``acc_norm`` in [0, 1] for "mc",
         ``exact_match`` in [0, 1] for "gen").
     """
-    from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.utils import set_torch_seed
 
     standard_tasks = list(standard_tasks)
     names = list(task_data) + standard_tasks
@@ -336,33 +388,10 @@ def run_lm_eval(
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, **extra)
     try:
         with torch.random.fork_rng(devices=[torch.device(device)] if cuda else []):
-            # lm-eval 0.4.13 ``simple_evaluate`` with these arguments, less what only feeds its result's
-            # metadata (``add_env_info`` runs torch's collect_env: ~0.25 s a call): seed, load the tasks
-            # (cached, see _load_tasks), default ``num_fewshot`` to 0, seed the few-shot sampler, evaluate.
-            random.seed(seed)
-            np.random.seed(seed)
-            set_torch_seed(seed)
-            loaded = _load_tasks(fitted, standard_tasks)
-            for task_obj in loaded["tasks"].values():
-                if task_obj.get_config("num_fewshot") is None:
-                    task_obj.set_config(key="num_fewshot", value=0)
-                task_obj.set_fewshot_seed(seed=seed)
-            out = evaluate(
-                lm=lm,
-                task_dict=loaded,
-                limit=limit,
-                samples=None,
-                cache_requests=False,
-                rewrite_requests_cache=False,
-                bootstrap_iters=0,
-                write_out=False,
-                log_samples=False,
-                system_instruction=None,
-                apply_chat_template=False,
-                fewshot_as_multiturn=True,
-                verbosity=None,
-                confirm_run_unsafe_code=False,
-            )
+            if _fast_path():
+                out = _evaluate_cached_tasks(lm, fitted, standard_tasks, limit=limit, seed=seed)
+            else:
+                out = _simple_evaluate(lm, fitted, standard_tasks, limit=limit, seed=seed)
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
