@@ -557,6 +557,49 @@ def test_run_lm_eval_offline_uniform_model_prefers_fewest_tokens(tmp_path, token
     assert all(0.0 <= v <= 1.0 for v in out.values())
 
 
+def test_run_lm_eval_builds_tasks_once_and_scores_each_model_afresh(tmp_path, tokenizer, zero_model,
+                                                                     memorised_model, monkeypatch):
+    """The built tasks are reused across models (one TaskManager.load), yet each call scores its own model:
+    the memorised model answers every item, the uniform one (greedy: always the same token) none; a data
+    file rewritten in place is read again."""
+    from lm_eval.tasks import TaskManager
+
+    loads = []
+    real_load = TaskManager.load
+    monkeypatch.setattr(TaskManager, "load", lambda self, *a, **k: loads.append(1) or real_load(self, *a, **k))
+    path = _write_jsonl(tmp_path / "gen.jsonl", MEMO_ITEMS)
+    task = {"db_reuse_gen": {"path": str(path), "kind": "gen"}}
+    scores = [run_lm_eval(m, tokenizer, task, batch_size=8)["lm_eval/db_reuse_gen/exact_match"]
+              for m in (memorised_model, zero_model, memorised_model)]
+    assert scores == [1.0, 0.0, 1.0] and len(loads) == 1
+    _write_jsonl(path, [{**it, "answers": ["zzz"]} for it in MEMO_ITEMS])  # same path, new answers
+    assert run_lm_eval(memorised_model, tokenizer, task, batch_size=8)["lm_eval/db_reuse_gen/exact_match"] == 0.0
+    assert len(loads) == 2
+
+
+def test_run_lm_eval_fast_path_matches_lm_eval_simple_evaluate(tmp_path, tokenizer, memorised_model,
+                                                                zero_model, monkeypatch):
+    """The cached-task path (lm-eval's ``evaluate`` on tasks built once) gives exactly the numbers of
+    lm-eval's own ``simple_evaluate``, for loglikelihood and generation tasks and two models."""
+    from harness.evaluation import lm_eval_bridge as bridge
+
+    mc_rows = [make_item(i, ins, ans, choices=[ans[0], "the lazy dog", "brown fox"], label=0)
+               for i, (ins, ans) in enumerate(MEMO)]
+    task = {"db_same_mc": _write_jsonl(tmp_path / "mc.jsonl", mc_rows),
+            "db_same_gen": _write_jsonl(tmp_path / "gen.jsonl", MEMO_ITEMS)}
+    out = {}
+    for fast in (False, True, False, True):
+        monkeypatch.setattr(bridge, "_fast_path", lambda fast=fast: fast)
+        for name, model in (("memorised", memorised_model), ("zero", zero_model)):
+            out.setdefault((fast, name), []).append(run_lm_eval(model, tokenizer, task, batch_size=8))
+    for name in ("memorised", "zero"):
+        assert out[(True, name)] == out[(False, name)]
+        assert out[(True, name)][0] == out[(True, name)][1]
+    assert out[(True, "memorised")][0]["lm_eval/db_same_mc/acc"] == 1.0
+    assert set(out[(True, "zero")][0]) == {"lm_eval/db_same_mc/acc", "lm_eval/db_same_mc/acc_norm",
+                                            "lm_eval/db_same_gen/exact_match"}
+
+
 def _short_context_copy(model, tokenizer, n_positions: int):
     """The same GPT-2 with its position table cut to ``n_positions`` (identical outputs on shorter inputs)."""
     from transformers import GPT2LMHeadModel

@@ -9,8 +9,9 @@ The repository ships task *templates* in ``harness/evaluation/lm_eval_tasks/``:
   item's ``answers`` counts) over items with ``prompt`` and ``answers`` (or ``output``).
 
 :func:`write_task_configs` fills a template per task (task name, absolute data path) into a directory;
-:func:`run_lm_eval` does that in a temporary include dir and runs ``lm_eval.simple_evaluate`` on an
-in-memory model. The equivalent command line, after ``write_task_configs({...}, "<tasks_dir>")``::
+:func:`run_lm_eval` does that in a temporary include dir and runs lm-eval's ``evaluate`` on an
+in-memory model (what ``simple_evaluate`` does, without its environment report; the built tasks are
+reused across calls in one process). The equivalent command line, after ``write_task_configs({...}, "<tasks_dir>")``::
 
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 lm_eval --model hf \\
         --model_args pretrained=<model_dir>,dtype=float32 --device cpu --batch_size 16 \\
@@ -31,12 +32,15 @@ are logged as truncated.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import math
 import random
 import tempfile
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -175,8 +179,11 @@ def model_context_length(model) -> int | None:
     return None
 
 
-def _n_tokens(tokenizer, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+def _n_tokens(tokenizer, texts: list[str]) -> list[int]:
+    """The token count of each text (no special tokens), in one batched tokenizer call."""
+    if not texts:
+        return []
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 def fit_max_gen_toks(name: str, records: Iterable[Mapping[str, Any]], tokenizer, context: int,
@@ -184,7 +191,7 @@ def fit_max_gen_toks(name: str, records: Iterable[Mapping[str, Any]], tokenizer,
     """``min(requested, context − longest prompt)``: the most new tokens a ``generate_until`` task may ask
     for without lm-eval cutting any prompt. Raises ``ValueError`` (naming the task) when the longest
     prompt leaves no room."""
-    longest = max((_n_tokens(tokenizer, str(r["prompt"])) for r in records), default=0)
+    longest = max(_n_tokens(tokenizer, [str(r["prompt"]) for r in records]), default=0)
     room = context - longest
     if room < 1:
         raise ValueError(f"lm-eval task {name}: its longest prompt has {longest} tokens and the model's context is "
@@ -206,9 +213,8 @@ def _fit_tasks(task_data: Mapping[str, TaskSpec], tokenizer, context: int | None
         if context is not None and kind == "gen":
             entry["max_gen_toks"] = fit_max_gen_toks(name, records, tokenizer, context, requested)
         elif context is not None and kind == "mc":
-            too_long = sum(
-                1 for r in records
-                if any(_n_tokens(tokenizer, str(r["prompt"]) + str(c)) > context for c in r["choices"]))
+            lengths = iter(_n_tokens(tokenizer, [str(r["prompt"]) + str(c) for r in records for c in r["choices"]]))
+            too_long = sum(1 for r in records if max([next(lengths) for _ in r["choices"]], default=0) > context)
             if too_long:
                 log.warning("lm-eval task %s: %d item(s) longer than the model's context (%d tokens) are "
                             "truncated from the left", name, too_long, context)
@@ -248,6 +254,97 @@ def flatten_results(results: Mapping[str, Mapping[str, Any]], prefix: str = "lm_
     return flat
 
 
+#: built lm-eval task dicts by their configs (see :func:`_load_tasks`); the last few only
+_TASK_CACHE: OrderedDict[str, dict[str, Any]] = OrderedDict()
+_TASK_CACHE_SIZE = 4
+
+
+def _tasks_key(fitted: Mapping[str, Mapping[str, Any]], standard_tasks: list[str]) -> str:
+    """What a built task dict depends on: the fitted task entries, each data file's content (SHA-256), and
+    the standard task names."""
+    files = {entry["path"]: hashlib.sha256(Path(entry["path"]).expanduser().resolve().read_bytes()).hexdigest()
+             for entry in fitted.values()}
+    return json.dumps([fitted, files, standard_tasks], sort_keys=True, default=str)
+
+
+def _load_tasks(fitted: Mapping[str, Mapping[str, Any]], standard_tasks: list[str]) -> dict[str, Any]:
+    """``TaskManager.load`` of the fitted local tasks (written to a temporary include dir) and the
+    standard tasks, built once per process and reused (task building reads and indexes each dataset:
+    ~60 ms a call for the tiny suite; one evaluate job scores several models on the same tasks).
+
+    Reuse is safe with lm-eval 0.4.13: ``evaluate`` rebuilds each task's requests
+    (``build_all_requests`` resets its instances) and :func:`run_lm_eval` re-seeds the few-shot sampler
+    before each use; the records of the tiny suite are identical with and without the cache."""
+    from lm_eval.tasks import TaskManager
+
+    key = _tasks_key(fitted, standard_tasks)
+    if key in _TASK_CACHE:
+        _TASK_CACHE.move_to_end(key)
+        return _TASK_CACHE[key]
+    with tempfile.TemporaryDirectory(prefix="distillbench_lm_eval_") as include_dir:
+        write_task_configs(fitted, include_dir)
+        task_manager = TaskManager(include_path=include_dir if fitted else None,
+                                   include_defaults=bool(standard_tasks))
+        loaded = task_manager.load(list(fitted) + list(standard_tasks))
+    _TASK_CACHE[key] = loaded
+    while len(_TASK_CACHE) > _TASK_CACHE_SIZE:
+        _TASK_CACHE.popitem(last=False)
+    return loaded
+
+
+@lru_cache(maxsize=1)
+def _fast_path() -> bool:
+    """Whether the installed lm-eval is one :func:`_evaluate_cached_tasks` was checked against (>= 0.4.13:
+    ``TaskManager.load`` and that ``simple_evaluate``); older ones go through ``simple_evaluate``."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    return Version(version("lm_eval")) >= Version("0.4.13")
+
+
+def _simple_evaluate(lm, fitted: Mapping[str, Mapping[str, Any]], standard_tasks: list[str], *,
+                     limit, seed: int) -> dict[str, Any] | None:
+    """lm-eval's ``simple_evaluate`` on the fitted local tasks (a fresh temporary include dir) and the
+    standard tasks: builds the tasks and reports the environment on every call."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    with tempfile.TemporaryDirectory(prefix="distillbench_lm_eval_") as include_dir:
+        write_task_configs(fitted, include_dir)
+        task_manager = TaskManager(include_path=include_dir if fitted else None,
+                                   include_defaults=bool(standard_tasks))
+        return lm_eval.simple_evaluate(
+            model=lm, tasks=list(fitted) + list(standard_tasks), task_manager=task_manager, limit=limit,
+            log_samples=False, bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed,
+            torch_random_seed=seed, fewshot_random_seed=seed)
+
+
+def _evaluate_cached_tasks(lm, fitted: Mapping[str, Mapping[str, Any]], standard_tasks: list[str], *,
+                           limit, seed: int) -> dict[str, Any] | None:
+    """What :func:`_simple_evaluate` computes, the same numbers, less what only feeds ``simple_evaluate``'s
+    result metadata (``add_env_info`` runs torch's ``collect_env``: ~0.25 s a call) and with the tasks built
+    once per process (:func:`_load_tasks`). The steps of lm-eval 0.4.13 ``simple_evaluate`` for these
+    arguments: seed python / numpy / torch, load the tasks, default ``num_fewshot`` to 0, seed the few-shot
+    sampler, ``evaluate`` with ``simple_evaluate``'s defaults."""
+    from lm_eval.evaluator import evaluate
+    from lm_eval.utils import set_torch_seed
+
+    random.seed(seed)
+    np.random.seed(seed)
+    set_torch_seed(seed)
+    loaded = _load_tasks(fitted, standard_tasks)
+    for task_obj in loaded["tasks"].values():
+        if task_obj.get_config("num_fewshot") is None:
+            task_obj.set_config(key="num_fewshot", value=0)
+        task_obj.set_fewshot_seed(seed=seed)
+    return evaluate(
+        lm=lm, task_dict=loaded, limit=limit, samples=None, cache_requests=False,
+        rewrite_requests_cache=False, bootstrap_iters=0, write_out=False, log_samples=False,
+        system_instruction=None, apply_chat_template=False, fewshot_as_multiturn=True, verbosity=None,
+        confirm_run_unsafe_code=False)
+
+
 def run_lm_eval(
     model,
     tokenizer,
@@ -277,9 +374,7 @@ def run_lm_eval(
         ``{"lm_eval/<task>/<metric>": value}`` (e.g. ``acc``, ``acc_norm`` in [0, 1] for "mc",
         ``exact_match`` in [0, 1] for "gen").
     """
-    import lm_eval
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     standard_tasks = list(standard_tasks)
     names = list(task_data) + standard_tasks
@@ -289,30 +384,17 @@ def run_lm_eval(
     cuda = torch.device(device).type == "cuda"
     context = model_context_length(model)
     fitted = _fit_tasks(task_data, tokenizer, context)
-    with tempfile.TemporaryDirectory(prefix="distillbench_lm_eval_") as include_dir:
-        write_task_configs(fitted, include_dir)
-        task_manager = TaskManager(
-            include_path=include_dir if task_data else None, include_defaults=bool(standard_tasks)
-        )
-        extra = {"max_length": context} if context is not None else {}
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, **extra)
-        try:
-            with torch.random.fork_rng(devices=[torch.device(device)] if cuda else []):
-                out = lm_eval.simple_evaluate(
-                    model=lm,
-                    tasks=names,
-                    task_manager=task_manager,
-                    limit=limit,
-                    log_samples=False,
-                    bootstrap_iters=0,
-                    random_seed=seed,
-                    numpy_random_seed=seed,
-                    torch_random_seed=seed,
-                    fewshot_random_seed=seed,
-                )
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+    extra = {"max_length": context} if context is not None else {}
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, **extra)
+    try:
+        with torch.random.fork_rng(devices=[torch.device(device)] if cuda else []):
+            if _fast_path():
+                out = _evaluate_cached_tasks(lm, fitted, standard_tasks, limit=limit, seed=seed)
+            else:
+                out = _simple_evaluate(lm, fitted, standard_tasks, limit=limit, seed=seed)
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
     if out is None:  # non-zero rank
         return {}
     return flatten_results(out["results"])
