@@ -54,7 +54,7 @@ START_TIMEOUT_S = 120.0
 #: per-shell variables that do not change what an import does (they differ between jobs)
 _VOLATILE = frozenset({"PWD", "OLDPWD", "SHLVL", "_", ENV, USAGE_ENV, IDLE_ENV})
 #: what the worker imports before it forks: every step's libraries (cli.STEP_MODULES) and the tiny models' code
-_PRELOAD_EXTRA = ("harness.steps", "transformers.models.gpt2.modeling_gpt2")
+_PRELOAD_EXTRA = ("harness.steps", "transformers.models.gpt2.modeling_gpt2", "rouge_score.rouge_scorer")  # + nltk
 _HEADER = struct.Struct("!Q")
 
 
