@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -58,6 +59,28 @@ def _log_mix(log_a: Tensor, log_b: Tensor, w: float) -> Tensor:
 def _padded(log_x: Tensor) -> Tensor:
     """Entries that were ``-inf`` (probability exactly 0): the wrapper clamps them to the finite minimum."""
     return log_x <= torch.finfo(log_x.dtype).min
+
+
+def sort_desc(x: Tensor) -> Tensor:
+    """``x`` [..., V] sorted decreasing along the last axis: values only, no gradient.
+
+    On CPU, float32/float64 rows are sorted by NumPy (its SIMD sort: ≈ 15× faster than ``torch.sort`` on
+    [1536, 600] float32 rows, one thread); elsewhere ``torch.sort``. The values are the same either way
+    (a sort only permutes them); NaN rows are not supported.
+    """
+    x = x.detach()
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(np.negative(np.sort(np.negative(x.numpy()), axis=-1)))
+    return x.sort(dim=-1, descending=True).values
+
+
+def argsort_desc(x: Tensor) -> Tensor:
+    """Indices [..., V] (int64) that sort ``x`` decreasing along the last axis; the order among equal values is
+    unspecified (as ``torch.sort``'s). NumPy's SIMD argsort on CPU float32/float64, ``torch.argsort`` elsewhere."""
+    x = x.detach()
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(np.argsort(np.negative(x.numpy()), axis=-1).astype(np.int64, copy=False))
+    return x.argsort(dim=-1, descending=True)
 
 
 def _entropy(log_x: Tensor) -> Tensor:
@@ -142,15 +165,39 @@ def akl(log_q: Tensor, log_p: Tensor, mu: float = 0.5) -> Tensor:
     token in the head; μ = 1 puts every token in the head up to round-off of the cumulative sum (w = 1: KL(p‖q)).
     """
     with torch.no_grad():
-        p, q = log_p.exp(), log_q.exp()
-        p_sorted, order = p.sort(dim=-1, descending=True)
-        gap = (p_sorted - q.gather(-1, order)).abs()
-        tail = p_sorted.cumsum(-1) > mu
-        tail[..., 0] = False
-        total = gap.sum(-1)
-        head = gap.masked_fill(tail, 0.0).sum(-1)
-        w = torch.where(total > 0, head / total.clamp_min(torch.finfo(total.dtype).tiny), 0.5)
+        w = _akl_weight(log_q, log_p, mu)
     return w * _kl(log_p, log_q) + (1.0 - w) * _kl(log_q, log_p)
+
+
+def _akl_weight(log_q: Tensor, log_p: Tensor, mu: float) -> Tensor:
+    """AKL's w [N] (no gradient), without a permutation: only the teacher's sorted *values* are needed.
+
+    The inclusive cumulative sum of the sorted p never decreases, so the head is the first k ranks,
+    k = max(1, #{i : cumsum_i ≤ μ}); it holds every token with p > t, t = the k-th largest p, and the first
+    (lowest-index) tokens with p = t up to k in all. Σ_head |p − q| and Σ_V |p − q| are then sums over the
+    vocabulary in index order (the released code sums in sorted order: float round-off only). Where several
+    tokens share the k-th value, the released ``torch.sort`` puts an unspecified one of them first; the lowest
+    index here.
+    """
+    shape = log_p.shape[:-1]
+    p, q = log_p.reshape(-1, log_p.shape[-1]).exp(), log_q.reshape(-1, log_q.shape[-1]).exp()
+    p_sorted = sort_desc(p)
+    # k = #{i : cumsum_i ≤ μ} (a prefix: binary search), at least 1; then #{p > t} likewise in -p_sorted (increasing)
+    k = torch.searchsorted(p_sorted.cumsum(-1), torch.full_like(p_sorted[..., :1], mu), right=True).clamp_min_(1)
+    t = p_sorted.gather(-1, k - 1)
+    neg_sorted = p_sorted.neg()
+    room = k - torch.searchsorted(neg_sorted, t.neg())  # how many of the tokens equal to t are in the head (≥ 1)
+    tied = (torch.searchsorted(neg_sorted, t.neg(), right=True) - k > 0).flatten()  # more tokens equal t than room
+    head = p >= t
+    if bool(tied.any()):  # a tie across the boundary, in a few rows: keep their lowest-index tokens equal to t
+        rows = tied.nonzero().flatten()
+        at_t = p[rows] == t[rows]
+        head[rows] = (p[rows] > t[rows]) | (at_t & (at_t.cumsum(-1) <= room[rows]))
+    gap = (p - q).abs_()
+    total = gap.sum(-1)
+    head_gap = gap.masked_fill_(~head, 0.0).sum(-1)
+    w = torch.where(total > 0, head_gap / total.clamp_min(torch.finfo(total.dtype).tiny), 0.5)
+    return w.reshape(shape)
 
 
 @_ranges(

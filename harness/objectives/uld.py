@@ -40,10 +40,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .divergences import argsort_desc, sort_desc
+
 
 def sorted_probs(log_x: Tensor, width: int) -> Tensor:
-    """``exp(log_x)`` sorted decreasing along the last axis, zero-padded on the right to ``width`` columns."""
-    x = log_x.exp().sort(dim=-1, descending=True).values
+    """``exp(log_x)`` sorted decreasing along the last axis, zero-padded on the right to ``width`` columns.
+
+    With a gradient, the permutation is found without one and the probabilities gathered through it (the
+    gradient of a sort: the same scatter); without, only the values are sorted.
+    """
+    x = log_x.exp()
+    if torch.is_grad_enabled() and x.requires_grad:
+        x = x.gather(-1, argsort_desc(x).to(x.device))
+    else:
+        x = sort_desc(x)
     if x.shape[-1] < width:
         x = torch.nn.functional.pad(x, (0, width - x.shape[-1]))
     return x
