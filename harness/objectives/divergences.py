@@ -164,13 +164,38 @@ def akl(log_q: Tensor, log_p: Tensor, mu: float = 0.5) -> Tensor:
     Limits: the value lies between KL(p‖q) and KL(q‖p); μ below the top-1 probability puts only the top-1
     token in the head; μ = 1 puts every token in the head up to round-off of the cumulative sum (w = 1: KL(p‖q)).
     """
-    with torch.no_grad():
-        w = _akl_weight(log_q, log_p, mu)
-    return w * _kl(log_p, log_q) + (1.0 - w) * _kl(log_q, log_p)
+    return _AdaptiveKL.apply(log_q, log_p, float(mu))
 
 
-def _akl_weight(log_q: Tensor, log_p: Tensor, mu: float) -> Tensor:
-    """AKL's w [N] (no gradient), without a permutation: only the teacher's sorted *values* are needed.
+class _AdaptiveKL(torch.autograd.Function):
+    """AKL's value Σ_v d_v (w p_v − (1−w) q_v), d = log p − log q (the two weighted KLs in one sum), with the
+    closed-form gradient for a constant w: ∂/∂log q_v = (1−w) q_v (1 − d_v) − w p_v and
+    ∂/∂log p_v = w p_v (1 + d_v) − (1−w) q_v. p and q are exponentiated once for w and the value, and three
+    [N, V] tensors are kept for the backward pass (autograd through the two KLs kept more and made more passes)."""
+
+    @staticmethod
+    def forward(ctx, log_q, log_p, mu):
+        p, q = log_p.exp(), log_q.exp()
+        w = _akl_weight(p, q, mu).unsqueeze(-1)
+        wp, wq = p.mul_(w), q.mul_(1.0 - w)
+        d = log_p - log_q
+        ctx.save_for_backward(wp, wq, d)
+        return (wp - wq).mul_(d).sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        wp, wq, d = ctx.saved_tensors
+        g = grad_out.unsqueeze(-1)
+        grad_q = grad_p = None
+        if ctx.needs_input_grad[0]:
+            grad_q = (wq - wq * d).sub_(wp).mul_(g)
+        if ctx.needs_input_grad[1]:
+            grad_p = (wp + wp * d).sub_(wq).mul_(g)
+        return grad_q, grad_p, None
+
+
+def _akl_weight(p: Tensor, q: Tensor, mu: float) -> Tensor:
+    """AKL's w [N] from the probabilities p, q [N, V] (no gradient), without a permutation: only the teacher's sorted *values* are needed.
 
     The inclusive cumulative sum of the sorted p never decreases, so the head is the first k ranks,
     k = max(1, #{i : cumsum_i ≤ μ}); it holds every token with p > t, t = the k-th largest p, and the first
@@ -179,8 +204,8 @@ def _akl_weight(log_q: Tensor, log_p: Tensor, mu: float) -> Tensor:
     tokens share the k-th value, the released ``torch.sort`` puts an unspecified one of them first; the lowest
     index here.
     """
-    shape = log_p.shape[:-1]
-    p, q = log_p.reshape(-1, log_p.shape[-1]).exp(), log_q.reshape(-1, log_q.shape[-1]).exp()
+    shape = p.shape[:-1]
+    p, q = p.reshape(-1, p.shape[-1]), q.reshape(-1, q.shape[-1])
     p_sorted = sort_desc(p)
     # k = #{i : cumsum_i ≤ μ} (a prefix: binary search), at least 1; then #{p > t} likewise in -p_sorted (increasing)
     k = torch.searchsorted(p_sorted.cumsum(-1), torch.full_like(p_sorted[..., :1], mu), right=True).clamp_min_(1)
@@ -188,14 +213,14 @@ def _akl_weight(log_q: Tensor, log_p: Tensor, mu: float) -> Tensor:
     neg_sorted = p_sorted.neg()
     room = k - torch.searchsorted(neg_sorted, t.neg())  # how many of the tokens equal to t are in the head (≥ 1)
     tied = (torch.searchsorted(neg_sorted, t.neg(), right=True) - k > 0).flatten()  # more tokens equal t than room
-    head = p >= t
-    if bool(tied.any()):  # a tie across the boundary, in a few rows: keep their lowest-index tokens equal to t
+    tail = p < t
+    if bool(tied.any()):  # a tie across the boundary, in a few rows: their tokens equal to t past the room are tail
         rows = tied.nonzero().flatten()
         at_t = p[rows] == t[rows]
-        head[rows] = (p[rows] > t[rows]) | (at_t & (at_t.cumsum(-1) <= room[rows]))
+        tail[rows] = (p[rows] < t[rows]) | (at_t & (at_t.cumsum(-1) > room[rows]))
     gap = (p - q).abs_()
     total = gap.sum(-1)
-    head_gap = gap.masked_fill_(~head, 0.0).sum(-1)
+    head_gap = gap.masked_fill_(tail, 0.0).sum(-1)
     w = torch.where(total > 0, head_gap / total.clamp_min(torch.finfo(total.dtype).tiny), 0.5)
     return w.reshape(shape)
 
