@@ -88,3 +88,12 @@ def test_uld_numpy_sort_path_float32_and_gradient():
     rank = np.argsort(np.argsort(-q, -1), -1)
     want = np.sign(np.take_along_axis(qs - ps, rank, -1)) * q
     np.testing.assert_allclose(grad.double().numpy(), want, rtol=1e-5, atol=1e-7)
+
+
+def test_uld_gradcheck_both_sides_and_widths():
+    """float64 gradcheck of the closed-form backward, student and teacher, equal and different widths."""
+    rng = np.random.default_rng(6)
+    for vs, vt in ((7, 7), (9, 5), (4, 8)):
+        lq = torch.log_softmax(torch.from_numpy(rng.normal(size=(3, vs)) * 2), -1).requires_grad_(True)
+        lp = torch.log_softmax(torch.from_numpy(rng.normal(size=(3, vt)) * 2), -1).requires_grad_(True)
+        assert torch.autograd.gradcheck(uld, (lq, lp))
