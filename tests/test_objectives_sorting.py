@@ -97,3 +97,21 @@ def test_uld_gradcheck_both_sides_and_widths():
         lq = torch.log_softmax(torch.from_numpy(rng.normal(size=(3, vs)) * 2), -1).requires_grad_(True)
         lp = torch.log_softmax(torch.from_numpy(rng.normal(size=(3, vt)) * 2), -1).requires_grad_(True)
         assert torch.autograd.gradcheck(uld, (lq, lp))
+
+
+@pytest.mark.parametrize("alpha, beta", [(0.2, 0.7), (1e-3, 1e-3), (1.5, -0.3), (0.7, -0.69)])
+def test_ab_float32_one_series_region_against_float64_formula(alpha, beta):
+    """Where |α d|, |β d| ≤ 1 everywhere (ab's single-series float32 path): the per-position value against the
+    defining formula −1/(αβ) Σ [p^α q^β − α/(α+β) p^(α+β) − β/(α+β) q^(α+β)] in NumPy float64."""
+    rng = np.random.default_rng(7)
+    zt = rng.normal(size=(32, 300)) * 2
+    zs = zt + rng.normal(size=zt.shape) * 0.15
+    lq = torch.log_softmax(torch.from_numpy(zs).float(), -1)
+    lp = torch.log_softmax(torch.from_numpy(zt).float(), -1)
+    d = (lp - lq).double().numpy()
+    assert np.abs(d).max() * max(abs(alpha), abs(beta)) <= 1.0  # the region this test is about
+    p, q = np.exp(lp.double().numpy()), np.exp(lq.double().numpy())
+    s = alpha + beta
+    want = -(p**alpha * q**beta - alpha / s * p**s - beta / s * q**s).sum(-1) / (alpha * beta)
+    got = D.ab(lq, lp, alpha, beta).double().numpy()
+    np.testing.assert_allclose(got, want, rtol=2e-6)
