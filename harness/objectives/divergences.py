@@ -212,15 +212,17 @@ def _akl_weight(p: Tensor, q: Tensor, mu: float) -> Tensor:
     t = p_sorted.gather(-1, k - 1)
     neg_sorted = p_sorted.neg()
     room = k - torch.searchsorted(neg_sorted, t.neg())  # how many of the tokens equal to t are in the head (≥ 1)
-    tied = (torch.searchsorted(neg_sorted, t.neg(), right=True) - k > 0).flatten()  # more tokens equal t than room
-    head = p >= t
-    if bool(tied.any()):  # a tie across the boundary, in some rows: only their first `room` tokens equal to t are head
-        rows = tied.nonzero().flatten()
-        at_t = p[rows] == t[rows]
-        head[rows] = (p[rows] > t[rows]) | (at_t & (at_t.cumsum(-1, dtype=torch.int32) <= room[rows]))
+    tied = bool((torch.searchsorted(neg_sorted, t.neg(), right=True) - k > 0).any())  # more tokens equal t than room
+    # 0/1 masks in p's dtype (comparisons written into a float tensor, products instead of masked_fill: a bool
+    # mask applied to a float tensor costs ≈ 5× more on CPU)
+    head = torch.ge(p, t, out=torch.empty_like(p))
+    if tied:  # a tie across the boundary: only the first `room` tokens equal to t (index order) are head
+        at_t = torch.eq(p, t, out=torch.empty_like(p))
+        first = torch.le(at_t.cumsum(-1), room.to(p.dtype), out=torch.empty_like(p))  # counts: exact in float
+        head = torch.gt(p, t, out=head).addcmul_(at_t, first)
     gap = (p - q).abs_()
     total = gap.sum(-1)
-    head_gap = gap.mul_(head).sum(-1)  # a product with the mask: ≈ 3× cheaper than masked_fill on CPU
+    head_gap = gap.mul_(head).sum(-1)
     w = torch.where(total > 0, head_gap / total.clamp_min(torch.finfo(total.dtype).tiny), 0.5)
     return w.reshape(shape)
 
