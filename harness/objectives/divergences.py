@@ -218,7 +218,8 @@ def _akl_weight(p: Tensor, q: Tensor, mu: float) -> Tensor:
     head = torch.ge(p, t, out=torch.empty_like(p))
     if tied:  # a tie across the boundary: only the first `room` tokens equal to t (index order) are head
         at_t = torch.eq(p, t, out=torch.empty_like(p))
-        first = torch.le(at_t.cumsum(-1), room.to(p.dtype), out=torch.empty_like(p))  # counts: exact in float
+        wide = torch.float64 if p.dtype == torch.float64 else torch.float32  # counts < 2^24: exact
+        first = torch.le(at_t.cumsum(-1, dtype=wide), room.to(wide), out=torch.empty_like(p))
         head = torch.gt(p, t, out=head).addcmul_(at_t, first)
     gap = (p - q).abs_()
     total = gap.sum(-1)
