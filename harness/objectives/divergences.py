@@ -160,7 +160,10 @@ def akl(log_q: Tensor, log_p: Tensor, mu: float = 0.5) -> Tensor:
     w = ½ where p = q exactly (both KLs are 0 there; the released code divides 0 by 0).
     Differences from the released code: τ comes from the recipe (the released AKL uses τ = 1 by having none),
     and ``-inf`` logits are probability 0 here, where ``get_ratio`` replaces them by logit 0 before the
-    softmax (this only matters for padded vocabularies).
+    softmax (this only matters for padded vocabularies). Where several tokens share the teacher probability
+    at which the cumulative mass crosses μ, the lowest indices among them come first (the released
+    ``torch.sort`` orders equal values in an unspecified way; float16-cached teachers have many such ties).
+    Computed without sorting the vocabulary itself (see :func:`_akl_weight`), with a closed-form gradient.
     Limits: the value lies between KL(p‖q) and KL(q‖p); μ below the top-1 probability puts only the top-1
     token in the head; μ = 1 puts every token in the head up to round-off of the cumulative sum (w = 1: KL(p‖q)).
     """
@@ -195,7 +198,8 @@ class _AdaptiveKL(torch.autograd.Function):
 
 
 def _akl_weight(p: Tensor, q: Tensor, mu: float) -> Tensor:
-    """AKL's w [N] from the probabilities p, q [N, V] (no gradient), without a permutation: only the teacher's sorted *values* are needed.
+    """AKL's w [N] from the probabilities p, q [N, V] (no gradient), without a permutation: only the teacher's
+    sorted *values* are needed.
 
     The inclusive cumulative sum of the sorted p never decreases, so the head is the first k ranks,
     k = max(1, #{i : cumsum_i ≤ μ}); it holds every token with p > t, t = the k-th largest p, and the first
