@@ -52,12 +52,54 @@ from torch import Tensor
 from ..schema import Field
 
 
-def _entropic_ot(x: Tensor, y: Tensor, epsilon: float, n_iters: int) -> Tensor:
-    """Expected cost Σ P_ij W_ij of the entropic plan between the rows of x [N, V] and y [M, V]."""
-    cost = torch.cdist(x.unsqueeze(0), y.unsqueeze(0), p=1).squeeze(0)  # [N, M]
+def _l1_cost(x: Tensor, y: Tensor) -> Tensor:
+    """W_ij = ‖x_i − y_j‖₁ [N, M] by ``torch.cdist(p=1)`` (never the N × M × V difference tensor)."""
+    return torch.cdist(x.unsqueeze(0), y.unsqueeze(0), p=1).squeeze(0)
+
+
+def _l1_self_cost(x: Tensor, blocks: int = 4) -> Tensor:
+    """W_ij = ‖x_i − x_j‖₁ [N, N], symmetric, at lower cost than :func:`_l1_cost` (x, x): row blocks against the
+    columns from their own start only, the rest filled by transposition (≈ 5/8 of the pairs for 4 blocks; the
+    same values: |a − b| = |b − a|, summed in the same order). With a gradient, see :class:`_L1SelfCost`."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _L1SelfCost.apply(x, blocks)
+    n = x.shape[0]
+    out = x.new_empty((n, n))
+    step = max(1, -(-n // blocks))
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        w = _l1_cost(x[start:stop], x[start:])
+        out[start:stop, start:] = w
+        out[stop:, start:stop] = w[:, stop - start :].T
+    return out
+
+
+class _L1SelfCost(torch.autograd.Function):
+    """:func:`_l1_self_cost` with a gradient: x plays both roles of the cost, so ∂/∂x_i = Σ_j (G + Gᵀ)_ij
+    sign(x_i − x_j), one call of ATen's own cdist backward (``aten::_cdist_backward``, what autograd runs for
+    ``torch.cdist``; called directly) where autograd through cdist (x, x) runs it once per role."""
+
+    @staticmethod
+    def forward(ctx, x, blocks):
+        with torch.no_grad():
+            w = _l1_self_cost(x.detach(), blocks)
+        ctx.save_for_backward(x, w)
+        return w
+
+    @staticmethod
+    def backward(ctx, grad_w):
+        x, w = ctx.saved_tensors
+        g = (grad_w + grad_w.T).unsqueeze(0).contiguous()
+        x3 = x.detach().unsqueeze(0).contiguous()
+        return torch.ops.aten._cdist_backward(g, x3, x3, 1.0, w.unsqueeze(0).contiguous()).squeeze(0), None
+
+
+def _entropic_ot(cost: Tensor, epsilon: float, n_iters: int) -> Tensor:
+    """Expected cost Σ P_ij W_ij of the entropic plan for the cost W [N, M] between uniform marginals."""
     log_k = -cost / epsilon
-    log_a = torch.full((x.shape[0],), -math.log(x.shape[0]), dtype=x.dtype, device=x.device)
-    log_b = torch.full((y.shape[0],), -math.log(y.shape[0]), dtype=x.dtype, device=x.device)
+    n, m = cost.shape
+    log_a = torch.full((n,), -math.log(n), dtype=cost.dtype, device=cost.device)
+    log_b = torch.full((m,), -math.log(m), dtype=cost.dtype, device=cost.device)
     f = torch.zeros_like(log_a)
     g = torch.zeros_like(log_b)
     for _ in range(n_iters):
@@ -89,11 +131,11 @@ def sinkhorn(
         keep = torch.linspace(0, n - 1, max_positions, device=log_q.device).round().long()
         log_q, log_p = log_q[keep], log_p[keep]
     q, p = log_q.exp(), log_p.exp()
-    value = _entropic_ot(q, p, epsilon, n_iters)
+    value = _entropic_ot(_l1_cost(q, p), epsilon, n_iters)
     if debias:
         with torch.no_grad():
-            teacher_self = _entropic_ot(p, p, epsilon, n_iters)
-        value = value - 0.5 * _entropic_ot(q, q, epsilon, n_iters) - 0.5 * teacher_self
+            teacher_self = _entropic_ot(_l1_self_cost(p), epsilon, n_iters)
+        value = value - 0.5 * _entropic_ot(_l1_self_cost(q), epsilon, n_iters) - 0.5 * teacher_self
     return value * n if mass == "positions" else value
 
 
