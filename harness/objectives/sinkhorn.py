@@ -60,9 +60,10 @@ def _l1_cost(x: Tensor, y: Tensor) -> Tensor:
 def _l1_self_cost(x: Tensor, blocks: int = 4) -> Tensor:
     """W_ij = ‖x_i − x_j‖₁ [N, N], symmetric, at lower cost than :func:`_l1_cost` (x, x): row blocks against the
     columns from their own start only, the rest filled by transposition (≈ 5/8 of the pairs for 4 blocks; the
-    same values: |a − b| = |b − a|, summed in the same order). With a gradient, see :class:`_L1SelfCost`."""
+    same values: |a − b| = |b − a|, summed in the same order). With a gradient: plain :func:`_l1_cost` (x, x)
+    (autograd through the blocks' copies would cost more than it saves)."""
     if torch.is_grad_enabled() and x.requires_grad:
-        return _L1SelfCost.apply(x, blocks)
+        return _l1_cost(x, x)
     n = x.shape[0]
     out = x.new_empty((n, n))
     step = max(1, -(-n // blocks))
@@ -72,26 +73,6 @@ def _l1_self_cost(x: Tensor, blocks: int = 4) -> Tensor:
         out[start:stop, start:] = w
         out[stop:, start:stop] = w[:, stop - start :].T
     return out
-
-
-class _L1SelfCost(torch.autograd.Function):
-    """:func:`_l1_self_cost` with a gradient: x plays both roles of the cost, so ∂/∂x_i = Σ_j (G + Gᵀ)_ij
-    sign(x_i − x_j), one call of ATen's own cdist backward (``aten::_cdist_backward``, what autograd runs for
-    ``torch.cdist``; called directly) where autograd through cdist (x, x) runs it once per role."""
-
-    @staticmethod
-    def forward(ctx, x, blocks):
-        with torch.no_grad():
-            w = _l1_self_cost(x.detach(), blocks)
-        ctx.save_for_backward(x, w)
-        return w
-
-    @staticmethod
-    def backward(ctx, grad_w):
-        x, w = ctx.saved_tensors
-        g = (grad_w + grad_w.T).unsqueeze(0).contiguous()
-        x3 = x.detach().unsqueeze(0).contiguous()
-        return torch.ops.aten._cdist_backward(g, x3, x3, 1.0, w.unsqueeze(0).contiguous()).squeeze(0), None
 
 
 def _entropic_ot(cost: Tensor, epsilon: float, n_iters: int) -> Tensor:
