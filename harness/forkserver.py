@@ -174,40 +174,45 @@ def _start_worker(path: Path, key: str) -> socket.socket | None:
 
 def run_in_worker(argv: list[str], entry: str = "harness.cli:main") -> int | None:
     """Run ``entry(argv)`` (``module:function``; by default ``harness.cli.main``) in the warm worker and return
-    its exit status; ``None`` when no worker could take it (nothing ran: the caller runs the step itself)."""
-    try:
-        key = worker_key()
-        path = socket_path(key)
-        sock = _connect(path) or _start_worker(path, key)
-    except OSError as exc:  # e.g. no writable temporary directory
-        print(f"distillbench: no warm worker ({exc}); running the step in this process", file=sys.stderr)
-        return None
-    if sock is None:
-        print("distillbench: the warm worker did not start (see its log in "
-              f"{path.with_suffix('.log')}); running the step in this process", file=sys.stderr)
-        return None
-    with sock:
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
+    its exit status; ``None`` when no worker could take it (nothing ran: the caller runs the step itself).
+    A worker that closes before it takes the request (idle exit, killed) is replaced once."""
+    for _attempt in range(2):
         try:
-            _send(sock, {"argv": list(argv), "cwd": os.getcwd(), "env": dict(os.environ), "entry": entry},
-                  [0, 1, 2])
-            ack, _ = _recv(sock)
-        except OSError:  # the worker was closing (idle): it never saw the request
-            ack = None
-        if ack is None or "pid" not in ack:  # nothing ran
+            key = worker_key()
+            path = socket_path(key)
+            sock = _connect(path) or _start_worker(path, key)
+        except OSError as exc:  # e.g. no writable temporary directory
+            print(f"distillbench: no warm worker ({exc}); running the step in this process", file=sys.stderr)
             return None
-        try:
-            done, _ = _recv(sock)
-        except OSError:
-            done = None
-    if done is None:
-        print(f"distillbench: the warm worker stopped while it ran the step (pid {ack['pid']})", file=sys.stderr)
-        return 1
-    if os.environ.get(USAGE_ENV):
-        Path(os.environ[USAGE_ENV]).write_text(json.dumps({"cpu_s": done["cpu_s"],
-                                                           "max_rss_mb": done["max_rss_mb"]}) + "\n")
-    return int(done["code"])
+        if sock is None:
+            print("distillbench: the warm worker did not start (see its log in "
+                  f"{path.with_suffix('.log')}); running the step in this process", file=sys.stderr)
+            return None
+        with sock:
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            try:
+                _send(sock, {"argv": list(argv), "cwd": os.getcwd(), "env": dict(os.environ), "entry": entry},
+                      [0, 1, 2])
+                ack, _ = _recv(sock)
+            except OSError:  # the worker was closing: it never saw the request
+                ack = None
+            if ack is None or "pid" not in ack:  # nothing ran
+                time.sleep(0.1)
+                continue
+            try:
+                done, _ = _recv(sock)
+            except OSError:
+                done = None
+        if done is None:
+            print(f"distillbench: the warm worker stopped while it ran the step (pid {ack['pid']})",
+                  file=sys.stderr)
+            return 1
+        if os.environ.get(USAGE_ENV):
+            Path(os.environ[USAGE_ENV]).write_text(json.dumps({"cpu_s": done["cpu_s"],
+                                                               "max_rss_mb": done["max_rss_mb"]}) + "\n")
+        return int(done["code"])
+    return None
 
 
 def wanted(argv: list[str], env: dict[str, str] | None = None) -> bool:
