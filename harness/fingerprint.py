@@ -64,9 +64,11 @@ def _tree_digest(root: Path, exclude: tuple[str, ...] = ()) -> str:
 
 @lru_cache(maxsize=1)
 def code_digest() -> str:
-    """The harness code that computes models and metrics (everything but ``report/`` and the benchmarks, which no
-    pipeline step runs: ``bench.py``, ``bench_cache.py``)."""
-    return _tree_digest(PACKAGE, exclude=("report", "bench.py", "bench_cache.py"))
+    """The harness code that computes models and metrics (everything but ``report/``, the benchmarks, which no
+    pipeline step runs: ``bench.py``, ``bench_cache.py``, and ``forkserver.py``, which only decides which process
+    runs a step: a step writes the same bytes through the warm worker as in its own process, tested in
+    tests/test_forkserver.py)."""
+    return _tree_digest(PACKAGE, exclude=("report", "bench.py", "bench_cache.py", "forkserver.py"))
 
 
 @lru_cache(maxsize=1)

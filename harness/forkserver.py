@@ -251,9 +251,10 @@ def _child(request: dict, fds: list[int]) -> None:
         _die_with_parent()
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        for target, fd in enumerate(fds):
+        for target, fd in enumerate(fds):  # received descriptors are >= 3: the worker's 0-2 are open
             os.dup2(fd, target)
-            os.close(fd)
+            if fd > 2:
+                os.close(fd)
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update({k: v for k, v in request["env"].items() if k not in (ENV, USAGE_ENV)})
@@ -329,9 +330,13 @@ def serve(path: Path, key: str, idle_s: float) -> None:
                         _child(request, fds)
                     for fd in fds:
                         os.close(fd)
-                    _send(conn, {"pid": pid})
                     jobs[pid] = conn
-                    sel.register(conn, selectors.EVENT_READ, pid)
+                    try:
+                        _send(conn, {"pid": pid})
+                        sel.register(conn, selectors.EVENT_READ, pid)
+                    except OSError:  # the client went away before the step started: stop it
+                        killed[pid] = time.monotonic()
+                        _signal(pid, signal.SIGTERM)
                 else:  # a client's socket: readable means it went away
                     pid = sk.data
                     if pid not in killed:
@@ -365,8 +370,12 @@ def serve(path: Path, key: str, idle_s: float) -> None:
                 break
     finally:
         try:
-            if path.stat().st_ino == inode:
+            if path.stat().st_ino == inode:  # still ours: remove the socket, the lock and an empty log
                 path.unlink()
+                path.with_suffix(".lock").unlink(missing_ok=True)
+                log = path.with_suffix(".log")
+                if log.exists() and log.stat().st_size == 0:
+                    log.unlink()
         except OSError:
             pass
         listener.close()

@@ -115,6 +115,8 @@ def test_usage_is_written_for_the_timings_and_the_worker_exits_when_idle(env, tm
     while sockets[0].exists():  # idle 5 s, then the worker removes its socket and exits
         assert time.monotonic() < deadline, "the worker did not exit when idle"
         time.sleep(0.2)
+    time.sleep(0.2)
+    assert not list(Path(env["DISTILLBENCH_WORKER_DIR"]).iterdir()), "the worker left its lock or an empty log"
 
 
 def test_the_key_follows_the_environment_but_not_per_shell_variables():
