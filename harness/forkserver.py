@@ -176,12 +176,16 @@ def run_in_worker(argv: list[str], entry: str = "harness.cli:main") -> int | Non
     """Run ``entry(argv)`` (``module:function``; by default ``harness.cli.main``) in the warm worker and return
     its exit status; ``None`` when no worker could take it (nothing ran: the caller runs the step itself).
     A worker that closes before it takes the request (idle exit, killed) is replaced once."""
+    try:
+        key = worker_key()
+        path = socket_path(key)
+    except OSError as exc:  # e.g. no writable temporary directory
+        print(f"distillbench: no warm worker ({exc}); running the step in this process", file=sys.stderr)
+        return None
     for _attempt in range(2):
         try:
-            key = worker_key()
-            path = socket_path(key)
             sock = _connect(path) or _start_worker(path, key)
-        except OSError as exc:  # e.g. no writable temporary directory
+        except OSError as exc:  # e.g. the lock file cannot be written
             print(f"distillbench: no warm worker ({exc}); running the step in this process", file=sys.stderr)
             return None
         if sock is None:
