@@ -831,9 +831,12 @@ STEPS_DOC = """Cost of one cached-teacher off-policy distillation step against t
 
     python -m harness.bench steps --config config/tiny.yaml --out results/tiny/bench-steps.md
 
-The suite's student and teacher architectures (tiny ones, built here with random weights) and its vocabulary
-size; ``--batch`` sequences of exactly ``--length`` tokens (random token ids, a random prompt length, so the
-loss mask covers the responses as in training). The teacher's log-probabilities are cached once with the
+The suite's student and teacher architectures (tiny ones, built here with random weights); batches of
+``--batch`` of the suite's own first ``--examples`` training examples, encoded by its data and tokenizer steps
+(run in a temporary directory), so lengths and the response share of the loss mask are those of its training
+(``--batches suite``, the default), or sequences of exactly ``--length`` random token ids with a random prompt
+length (``--batches synthetic``: about half of every sequence is response, a heavier share of the loss than
+instruction data has). The teacher's log-probabilities are cached once with the
 suite's ``teacher_cache`` settings (:func:`harness.teacher_cache.build_cache`), so a distillation step reads
 them from the cache as a cached off-policy run does. Every objective then trains a fresh copy of the same
 initial student through the real loop (:func:`harness.distill.train`: batch, cache lookup, forward, loss,
@@ -858,6 +861,24 @@ def synthetic_examples(n: int, length: int, vocab: int, seed: int) -> list[dict]
     ids = torch.randint(3, vocab, (n, length), generator=g)
     prompt = torch.randint(length // 6, length // 2 + 1, (n,), generator=g)
     return [{"input_ids": ids[i].tolist(), "prompt_len": int(prompt[i])} for i in range(n)]
+
+
+def suite_examples(suite, n: int) -> tuple[list[dict], int, dict]:
+    """The first ``n`` encoded training examples of ``suite`` as its pipeline encodes them (its data and
+    tokenizer steps, run in a temporary directory: nothing under the suite's work directory is touched),
+    the tokenizer's vocabulary size and special ids."""
+    import dataclasses
+    import tempfile
+
+    from . import steps
+
+    with tempfile.TemporaryDirectory(prefix="bench-steps-") as tmp:
+        scratch = dataclasses.replace(suite, workdir=Path(tmp))
+        steps.prepare_data(scratch)
+        tok = steps.prepare_tokenizer(scratch)
+        examples = steps.encoded_train(scratch)[:n]
+    return examples, len(tok), {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                                "pad_token_id": tok.pad_token_id}
 
 
 def reference_batches(examples: list[dict], pad_id: int, batch_size: int, seed: int):
@@ -897,19 +918,23 @@ def bench_steps(args) -> tuple[str, list[dict]]:
 
     suite = load_suite(args.config)
     torch.set_num_threads(args.threads)
-    vocab = args.vocab or suite.tokenizer["vocab_size"]
     batch_size = args.batch or suite.training.per_device_train_batch_size
     special = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    if args.batches == "suite":
+        examples, vocab, special = suite_examples(suite, args.examples)
+        args.length = max(len(e["input_ids"]) for e in examples)
+    else:
+        vocab = args.vocab or suite.tokenizer["vocab_size"]
+        examples = synthetic_examples(args.examples, args.length, vocab, seed=0)
     student0 = build_tiny(suite.student, vocab, seed=1, max_positions=args.length, special_ids=special)
     teacher = build_tiny(suite.teacher, vocab, seed=0, max_positions=args.length, special_ids=special)
-    examples = synthetic_examples(args.examples, args.length, vocab, seed=0)
     settings = suite.teacher_cache or {"mode": "exact", "top_k": 64, "samples": 64, "temperature": 1.0, "seed": 0,
                                        "dtype": "float16", "batch_size": 64}
     cache = build_cache(teacher, examples, 0, mode=settings["mode"], top_k=settings["top_k"],
                         samples=settings["samples"], temperature=settings["temperature"], seed=settings["seed"],
                         dtype=settings["dtype"], batch_size=settings["batch_size"], progress=False)
     teacher_fn = cached_or_live(cache, None)
-    next_batch = reference_batches(examples, 0, batch_size, seed=0)
+    next_batch = reference_batches(examples, special["pad_token_id"], batch_size, seed=0)
     cfg = TrainConfig(max_steps=args.warmup + args.steps, per_device_train_batch_size=batch_size,
                       max_length=args.length, warmup_ratio=0.0, log_every=10**6, device="cpu")
     ids = args.ids or ["ce"] + [i for i in available() if i != "ce" and spec(i).kind != "labels"]
@@ -942,8 +967,12 @@ def _render_steps(rows: list[dict], args, suite, vocab: int, batch_size: int, se
         f"- command: `python -m harness.bench {' '.join(shlex.quote(a) for a in sys.argv[1:])}`",
         f"- student: {arch}, vocabulary {vocab}; teacher (cached once, random weights): {t_arch}; cache "
         f"mode {settings['mode']}, {settings['dtype']}",
-        f"- batch {batch_size} × {args.length} tokens (random ids; the response = the tokens after a random "
-        f"prompt length), {args.threads} torch thread(s), {platform.processor() or platform.machine()}, "
+        (f"- batches of {batch_size} of the suite's own training examples (its data and tokenizer steps; first "
+         f"{args.examples} examples, right-padded to the longest of each batch, ≤ {args.length} tokens; the loss "
+         "mask covers the responses), " if args.batches == "suite" else
+         f"- batch {batch_size} × {args.length} tokens (random ids; the response = the tokens after a random "
+         "prompt length), ")
+        + f"{args.threads} torch thread(s), {platform.processor() or platform.machine()}, "
         f"torch {torch.__version__}",
         f"- one step = harness.distill.train's optimizer step (batch + cache lookup + forward + loss + backward + "
         f"clip + AdamW); median of {args.steps} steps after {args.warmup} warm-up steps; phases: mean per step "
@@ -1004,9 +1033,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("steps", help="a cached-teacher distillation step / the SFT step, per objective")
     p.add_argument("--config", default="config/tiny.yaml", help="suite: student/teacher architectures, vocabulary, cache")
     p.add_argument("--batch", type=int, default=None, help="sequences per step (default: the suite's batch size)")
-    p.add_argument("--length", type=int, default=48, help="tokens per sequence")
-    p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the suite's tokenizer's)")
-    p.add_argument("--examples", type=int, default=256, help="synthetic training examples (cached once)")
+    p.add_argument("--batches", choices=["suite", "synthetic"], default="suite",
+                   help="suite: the suite's own training examples (its lengths and response share); synthetic: "
+                   "random ids of exactly --length tokens, about half of them response (a heavier loss share)")
+    p.add_argument("--length", type=int, default=48, help="synthetic: tokens per sequence")
+    p.add_argument("--vocab", type=int, default=None, help="synthetic: vocabulary size (default: the suite's)")
+    p.add_argument("--examples", type=int, default=256, help="training examples (cached once)")
     p.add_argument("--warmup", type=int, default=5, help="steps dropped before timing")
     p.add_argument("--steps", type=int, default=30, help="timed steps per objective (median reported)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")

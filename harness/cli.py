@@ -245,7 +245,7 @@ def _die_with_parent() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None and os.environ.get("DISTILLBENCH_WORKER") == "1":
+    if argv is None and os.environ.get("DISTILLBENCH_WORKER") == "1":  # cheap test before importing the client
         from .forkserver import run_in_worker, wanted  # a thin client: the warm worker runs the step
 
         if wanted(sys.argv[1:]):
@@ -253,8 +253,9 @@ def main(argv: list[str] | None = None) -> int:
             code = run_in_worker(sys.argv[1:])
             if code is not None:
                 return code
-    if argv is None and os.environ.get("DISTILLBENCH_WORKER_USAGE"):  # this process is the step: no worker usage
-        Path(os.environ["DISTILLBENCH_WORKER_USAGE"]).unlink(missing_ok=True)
+    usage = os.environ.get("DISTILLBENCH_WORKER_USAGE")  # forkserver.USAGE_ENV (not imported on this path)
+    if argv is None and usage:  # this process is the step: no worker usage to report
+        Path(usage).unlink(missing_ok=True)
     args = _parser().parse_args(argv)
     if argv is None:
         _die_with_parent()

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from . import objectives
 from .data.batching import epoch_order
-from .models import align_vocab
+from .models import align_vocab, counted_logits
 from .parallel import world as parallel_world
 from .train_config import TrainConfig  # noqa: F401  (re-exported: harness.distill.TrainConfig)
 
@@ -165,6 +165,16 @@ def disable_dropout(model) -> None:
             setattr(config, key, 0.0)
 
 
+def adamw(groups: list[dict], **kwargs) -> torch.optim.AdamW:
+    """``torch.optim.AdamW`` with its fused kernel (one pass over each parameter instead of a dozen foreach ops:
+    a tiny CPU student's optimizer step is ~3× cheaper) where the parameters' device supports it, else the
+    default implementation. Same update rule (decoupled weight decay, bias correction); round-off may differ."""
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
+        return torch.optim.AdamW(groups, **kwargs)
+
+
 def train(
     student,
     next_batch: Callable[[int], dict],
@@ -215,10 +225,8 @@ def train(
     student.to(device).train()
     decay = [p for n, p in student.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in student.named_parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.learning_rate, betas=(0.9, 0.95),
-    )
+    optimizer = adamw([{"params": decay, "weight_decay": cfg.weight_decay},
+                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate, betas=(0.9, 0.95))
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, math.ceil(cfg.warmup_ratio * cfg.max_steps), cfg.max_steps
     )
@@ -277,7 +285,7 @@ def train(
                 with timed(timings, "teacher_forward_s", device), torch.no_grad():
                     t_logits = teacher_logits(batch)
             with timed(timings, "student_forward_s", device):
-                s_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                s_logits = counted_logits(model, batch["input_ids"], batch["attention_mask"], mask)
             with timed(timings, "loss_s", device):
                 norm = max(n_tokens, 1.0) / group.size  # DDP averages gradients over the N processes
                 s_al, t_al = align_vocab(s_logits, t_logits) if t_logits is not None else (s_logits, None)

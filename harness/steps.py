@@ -256,8 +256,10 @@ def init_student(suite: Suite, seed: int, progress: bool = True) -> Path:
 
 
 def live_teacher(teacher):
+    from .models import counted_logits
+
     def teacher_logits(batch: dict) -> torch.Tensor:
-        return teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return counted_logits(teacher, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
 
     return teacher_logits
 
@@ -424,10 +426,11 @@ def distill(suite: Suite, recipe: Recipe, seed: int, progress: bool = True, lr_i
         return out
     student.save_pretrained(str(out / "model"))
     tok.save_pretrained(str(out / "model"))
+    costs = result.costs()
     write_json_atomic(out / "run.json", {
         **common, "status": "ok", "curve": result.curve, "loss_terms": result.parts, "mode_stats": source.stats,
-        "costs": {**result.costs(), **{k: round(v, 4) for k, v in source.timings.items()},
-                  **source.generation_costs(result.costs().get("train_time_s") or 0.0)},
+        "costs": {**costs, **{k: round(v, 4) for k, v in source.timings.items()},
+                  **source.generation_costs(costs.get("train_time_s") or 0.0)},
         "resumed_from_step": result.resumed_from, "wall_s": round(time.perf_counter() - t0, 3),
         "num_processes": int(os.environ.get("WORLD_SIZE", "1")),
     })

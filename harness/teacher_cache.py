@@ -41,6 +41,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .data import batching
+from .models import counted_logits
 from .cache_schema import CACHE_SCHEMA, DTYPE_NAMES, MODES  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
@@ -257,7 +258,7 @@ def build_cache(
         for start in tqdm(range(0, len(examples), batch_size), desc="teacher cache", disable=not progress):
             batch = batching.collate(examples[start : start + batch_size], pad_id)
             batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
-            logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = counted_logits(teacher, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
             mask = batch["loss_mask"] > 0
             counts.extend(mask.sum(1).tolist())
             logp = torch.log_softmax(logits[mask].float(), dim=-1)
@@ -301,7 +302,7 @@ def cached_or_live(cache: TeacherCache, live: Callable[[dict], Tensor] | None) -
         rows = torch.as_tensor(rows, dtype=torch.long, device=batch["input_ids"].device)
         others = torch.ones(batch["input_ids"].shape[0], dtype=torch.bool, device=rows.device)
         others[rows] = False
-        sub = {"input_ids": batch["input_ids"][others], "attention_mask": batch["attention_mask"][others]}
+        sub = {k: batch[k][others] for k in ("input_ids", "attention_mask", "loss_mask")}
         live_part = live(sub)
         out = live_part.new_zeros((batch["input_ids"].shape[0], *live_part.shape[1:]))
         out[others] = live_part
