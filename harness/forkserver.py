@@ -310,6 +310,9 @@ def serve(path: Path, key: str, idle_s: float) -> None:
     jobs: dict[int, socket.socket] = {}
     killed: dict[int, float] = {}
     last = time.monotonic()
+    # SIGTERM (pkill, a session's end) leaves through the clean-up below like an idle exit; the running steps
+    # follow by PDEATHSIG. (SIGKILL cannot be caught: the next client replaces the stale socket.)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         while True:
             for sk, _ in sel.select(timeout=0.05):

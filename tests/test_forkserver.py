@@ -169,3 +169,14 @@ def test_a_stale_socket_left_by_a_killed_worker_is_replaced(env):
     second = client(env, "echo", "0")
     assert second.returncode == 0, second.stderr
     assert json.loads(second.stdout)["ppid"] != first["ppid"]
+
+
+def test_a_terminated_worker_removes_its_socket_lock_and_empty_log(env):
+    first = json.loads(client(env, "echo", "0").stdout)
+    runtime = Path(env["DISTILLBENCH_WORKER_DIR"])
+    assert list(runtime.rglob("*.sock"))
+    os.kill(first["ppid"], signal.SIGTERM)  # e.g. `pkill -f "harness.forkserver serve"`
+    deadline = time.monotonic() + 30
+    while list(runtime.rglob("*")):
+        assert time.monotonic() < deadline, f"left behind: {sorted(p.name for p in runtime.rglob('*'))}"
+        time.sleep(0.1)
