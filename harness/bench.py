@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime as _dt
+import json
 import os
 import platform
 import shlex
@@ -994,6 +995,69 @@ def _render_steps(rows: list[dict], args, suite, vocab: int, batch_size: int, se
     return "\n".join(lines) + "\n"
 
 
+def _steps_rows_json(argv: list[str], root: Path, out: Path) -> list[dict]:
+    """Run ``python -m harness.bench steps <argv> --json out`` with ``harness`` imported from ``root``."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+               DISTILLBENCH_WORKER="0")
+    subprocess.run([sys.executable, "-m", "harness.bench", "steps", *argv, "--json", str(out)], env=env, cwd=root,
+                   check=True, stdout=subprocess.DEVNULL)  # cwd: `-m` puts it first on sys.path
+    return [r for r in json.loads(out.read_text()) if "median_s" in r]
+
+
+def bench_steps_against(args, argv: list[str]) -> str:
+    """The ``steps`` benchmark of this checkout and of the harness at ``args.against`` (a git revision), run
+    alternately ``args.rounds`` times by this file's measurement code (copied next to that revision's package),
+    so that both see the same machine state: on shared cores whole runs differ by 10–20%, alternated runs do not."""
+    import tempfile
+
+    root = Path(__file__).resolve().parents[1]
+    rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", args.against], capture_output=True,
+                         text=True)
+    if rev.returncode != 0:
+        raise SystemExit(f"bench steps: --against {args.against!r} is not a git revision of {root} "
+                         f"({rev.stderr.strip()}); name a commit, e.g. --against HEAD~1")
+    rev = rev.stdout.strip()
+    passthrough, skip = [], False
+    for a in argv:  # the same options less these (and their values); the suite file by absolute path
+        if skip or a.split("=")[0] in ("--against", "--rounds", "--out", "--json", "--config"):
+            skip = not skip and "=" not in a
+            continue
+        passthrough.append(a)
+    passthrough += ["--config", str(Path(args.config).resolve())]
+    with tempfile.TemporaryDirectory(prefix="bench-against-") as tmp:
+        old = Path(tmp) / "old"
+        old.mkdir()
+        archive = subprocess.run(["git", "-C", str(root), "archive", rev, "harness"], capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
+        (old / "harness" / "bench.py").write_text(Path(__file__).read_text())
+        runs: dict[str, list[dict]] = {"this": [], rev: []}
+        for k in range(args.rounds):
+            for label, where in (("this", root), (rev, old)):
+                rows = _steps_rows_json(passthrough, where, Path(tmp) / "rows.json")
+                runs[label].append({r["objective"]: r for r in rows})
+                print(f"round {k + 1}/{args.rounds}: {label} done", file=sys.stderr, flush=True)
+    names = [n for n in runs["this"][0] if all(n in r for rs in runs.values() for r in rs)]
+    lines = [
+        f"# Distillation steps: this checkout against {rev}",
+        "",
+        f"- command: `python -m harness.bench {' '.join(shlex.quote(a) for a in sys.argv[1:])}`",
+        f"- the `steps` benchmark ({' '.join(passthrough) or 'defaults'}) run {args.rounds}× for each, alternately, "
+        "by the same measurement code; CPU ms per optimizer step (median of its steps), min–max over the rounds; "
+        "ratio = median over rounds of this / that",
+        "",
+        f"| objective | this: CPU ms / step | {rev}: CPU ms / step | this / {rev} | this: optim ms | {rev}: optim ms |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for n in names:
+        a = [r[n]["median_s"] * 1e3 for r in runs["this"]]
+        b = [r[n]["median_s"] * 1e3 for r in runs[rev]]
+        oa = statistics.median(r[n]["optimizer_s"] * 1e3 for r in runs["this"])
+        ob = statistics.median(r[n]["optimizer_s"] * 1e3 for r in runs[rev])
+        lines.append(f"| {n} | {min(a):.1f}–{max(a):.1f} | {min(b):.1f}–{max(b):.1f} | "
+                     f"{statistics.median(x / y for x, y in zip(a, b)):.2f} | {oa:.1f} | {ob:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.bench", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -1043,10 +1107,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=30, help="timed steps per objective (median reported)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--ids", nargs="+", default=None, help="objectives (default: ce and every teacher objective)")
+    p.add_argument("--against", default=None, metavar="REV",
+                   help="also run the harness of git revision REV, alternately with this checkout, and compare")
+    p.add_argument("--rounds", type=int, default=3, help="with --against: runs of each, alternated")
+    p.add_argument("--json", default=None, help=argparse.SUPPRESS)  # rows for --against
     p.add_argument("--out", default=None, help="also write the Markdown table here")
     args = parser.parse_args(argv)
+    if args.what == "steps" and args.against:
+        text = bench_steps_against(args, list(sys.argv[2:] if argv is None else argv[1:]))
+        print(text)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(text)
+        return 0
     if args.what == "steps":
-        text, _ = bench_steps(args)
+        text, rows = bench_steps(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows))
         print(text)
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
