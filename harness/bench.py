@@ -1041,7 +1041,8 @@ def bench_steps_against(args, argv: list[str]) -> str:
         f"# Distillation steps: this checkout against {rev}",
         "",
         f"- command: `python -m harness.bench {' '.join(shlex.quote(a) for a in sys.argv[1:])}`",
-        f"- the `steps` benchmark ({' '.join(passthrough) or 'defaults'}) run {args.rounds}× for each, alternately, "
+        f"- the `steps` benchmark ({' '.join(passthrough[:-2] + ['--config', args.config])}) run {args.rounds}× for "
+        "each, alternately, "
         "by the same measurement code; CPU ms per optimizer step (median of its steps), min–max over the rounds; "
         "ratio = median over rounds of this / that",
         "",
