@@ -1007,7 +1007,8 @@ def _steps_rows_json(argv: list[str], root: Path, out: Path) -> list[dict]:
 def bench_steps_against(args, argv: list[str]) -> str:
     """The ``steps`` benchmark of this checkout and of the harness at ``args.against`` (a git revision), run
     alternately ``args.rounds`` times by this file's measurement code (copied next to that revision's package),
-    so that both see the same machine state: on shared cores whole runs differ by 10–20%, alternated runs do not."""
+    so that both see the same machine state: on these shared cores whole runs of the same code differed by up to a
+    third, alternated runs by a few percent."""
     import tempfile
 
     root = Path(__file__).resolve().parents[1]
@@ -1057,6 +1058,15 @@ def bench_steps_against(args, argv: list[str]) -> str:
         lines.append(f"| {n} | {min(a):.1f}–{max(a):.1f} | {min(b):.1f}–{max(b):.1f} | "
                      f"{statistics.median(x / y for x, y in zip(a, b)):.2f} | {oa:.1f} | {ob:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def _emit(text: str, out: str | None) -> int:
+    """Print a report and, with ``--out``, also write it there."""
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1115,28 +1125,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="also write the Markdown table here")
     args = parser.parse_args(argv)
     if args.what == "steps" and args.against:
-        text = bench_steps_against(args, list(sys.argv[2:] if argv is None else argv[1:]))
-        print(text)
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(text)
-        return 0
+        return _emit(bench_steps_against(args, list(sys.argv[2:] if argv is None else argv[1:])), args.out)
     if args.what == "steps":
         text, rows = bench_steps(args)
         if args.json:
             Path(args.json).write_text(json.dumps(rows))
-        print(text)
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(text)
-        return 0
+        return _emit(text, args.out)
     if args.what == "startup":
-        text = bench_startup(args)
-        print(text)
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(text)
-        return 0
+        return _emit(bench_startup(args), args.out)
     gpu = (args.suite or ("gpu" if args.device == "cuda" else "cpu")) == "gpu"
     args.vocab = args.vocab or ([151936] if gpu else [32000, 151936])
     args.positions = args.positions or ([8192] if gpu else None)
