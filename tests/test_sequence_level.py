@@ -275,6 +275,88 @@ def test_distillm2_mode_pairs_teacher_and_student_samples_and_measures_anchors(t
     assert all(torch.isnan(fixed(i)["alpha_anchor"]).all() for i in range(2))
 
 
+
+def switchable(tiny, seed, token):
+    """A tiny GPT-2 whose samples are (nearly) all ``token``; ``m.force[0] = other`` switches the token."""
+    m = model(tiny, seed)
+    m.force = [token]
+
+    def hook(mod, inp, out):
+        bias = torch.zeros(out.shape[-1])
+        bias[m.force[0]] = 60.0
+        return out + bias
+
+    m.lm_head.register_forward_hook(hook)
+    return m
+
+
+def test_distillm2_samples_once_from_the_initial_student_and_reuses_pairs_across_epochs(tiny):
+    student, teacher = switchable(tiny, 1, STUDENT_TOKEN), model(tiny, 2, TEACHER_TOKEN)
+    steps = 20  # 20 x 4 rows > 64 examples: the run's second epoch meets every prompt again
+    src = build("distillm2", {"anchor_batches": 0}, ctx(tiny, student=student, teacher=teacher, steps=steps))
+    assert src.sampling == "once"  # the released pipeline's default
+    first = src(0)
+    student.force[0] = 13  # the student changes after the pairs were drawn (as training changes it)
+    later = [src(i) for i in range(1, steps)]
+    for batch in [first] + later:
+        got = responses(batch)
+        assert got[:BS] == [[TEACHER_TOKEN] * NEW] * BS and got[BS:] == [[STUDENT_TOKEN] * NEW] * BS
+    # every prompt of the run was sampled, once, before the first batch came back
+    seen = {j for i in range(steps) for j in ctx(tiny, student=student, teacher=teacher).reference(i)
+            ["example_ids"].tolist()}
+    assert set(src.pairs["teacher"]) == set(src.pairs["student"]) == seen and len(seen) == len(tiny["examples"])
+    assert src.sampled["samples"] == src.teacher_sampled["samples"] == len(seen)
+    # a prompt met in two epochs trains on the same pair; each row's prompt is its example's prompt
+    rows, reference = {}, ctx(tiny, student=student, teacher=teacher).reference
+    for i, batch in enumerate([first] + later):
+        for b, j in enumerate(reference(i)["example_ids"].tolist()):
+            pair = [batch["input_ids"][r, : int(batch["lengths"][r])].tolist() for r in (b, BS + b)]
+            assert rows.setdefault(j, pair) == pair
+            example = tiny["examples"][j]
+            assert all(row[: example["prompt_len"]] == example["input_ids"][: example["prompt_len"]] for row in pair)
+    # per_batch: fresh samples of the CURRENT student
+    fresh = build("distillm2", {"anchor_batches": 0, "sampling": "per_batch"},
+                  ctx(tiny, student=student, teacher=teacher, steps=steps))
+    assert responses(fresh(0))[BS:] == [[13] * NEW] * BS and fresh.pairs is None
+
+
+def test_distillm2_pairs_resume_from_the_state_without_sampling_again(tiny):
+    student, teacher = switchable(tiny, 1, STUDENT_TOKEN), model(tiny, 2, TEACHER_TOKEN)
+    src = build("distillm2", {"anchor_batches": 1}, ctx(tiny, student=student, teacher=teacher, steps=6))
+    want = [src(i) for i in range(6)]
+    state = src.state_dict()
+    assert state["pairs"]["student"]["tokens"].dtype == torch.int32  # flat tensors, not a list per row
+    student.force[0] = 13  # a resumed run's student is not the initial one: the pairs must come from the state
+    again = build("distillm2", {"anchor_batches": 1}, ctx(tiny, student=student, teacher=teacher, steps=6))
+    again.load_state_dict(state)
+    spent = again.timings["generation_s"]
+    for i in range(3, 6):
+        got, ref = again(i), want[i]
+        for key in ("input_ids", "labels", "loss_mask", "pair_role", "alpha_anchor"):
+            assert torch.equal(got[key], ref[key]), key
+    assert again.timings["generation_s"] == spent and again.pairs == src.pairs
+
+
+def test_distillm2_sampling_once_is_seeded_by_the_run_seed(tiny):
+    student, teacher = model(tiny, 1), model(tiny, 2)
+    a = build("distillm2", {}, ctx(tiny, student=student, teacher=teacher, seed=5))
+    b = build("distillm2", {}, ctx(tiny, student=student, teacher=teacher, seed=5))
+    c = build("distillm2", {}, ctx(tiny, student=student, teacher=teacher, seed=6))
+    assert torch.equal(a(0)["input_ids"], b(0)["input_ids"]) and a.pairs == b.pairs
+    c(0)
+    assert c.pairs["student"] != a.pairs["student"]
+
+
+def test_distillm2_sampling_once_needs_example_ids(tiny):
+    student, teacher = model(tiny, 1), model(tiny, 2)
+    base = ctx(tiny, student=student, teacher=teacher)
+    plain = ModeContext(reference=lambda i: {k: v for k, v in base.reference(i).items() if k != "example_ids"},
+                        student=student, tokenizer=tiny["tok"], pad_id=base.pad_id, max_steps=2, batch_size=BS,
+                        max_length=MAX_LEN, max_new_tokens=NEW, teacher=teacher)
+    with pytest.raises(ValueError, match="example_ids.*per_batch"):
+        build("distillm2", {}, plain)(0)
+    assert build("distillm2", {"sampling": "per_batch"}, plain)(0)["input_ids"].shape[0] == 2 * BS
+
 def test_modes_train_end_to_end_and_record_generation(tiny):
     for mode, term in (("seq_kd", objectives.get("jsd", beta=0.5)), ("distillm2", objectives.get("distillm2"))):
         student, teacher = model(tiny, 1), model(tiny, 2, layers=2, width=48).eval()

@@ -86,6 +86,30 @@ def sample_rows(model, prompts: Sequence[Sequence[int]], *, eos_id: int, pad_id:
     return rows
 
 
+def pack_rows(rows: dict[int, dict]) -> dict[str, torch.Tensor]:
+    """Sampled rows by example id -> flat tensors (a checkpoint holds one tensor per field, not a list per row)."""
+    ids = sorted(rows)
+    return {"example_ids": torch.tensor(ids, dtype=torch.long),
+            "tokens": torch.tensor([t for j in ids for t in rows[j]["input_ids"]], dtype=torch.int32),
+            "lengths": torch.tensor([len(rows[j]["input_ids"]) for j in ids], dtype=torch.long),
+            "prompt_len": torch.tensor([rows[j]["prompt_len"] for j in ids], dtype=torch.long),
+            "sample_len": torch.tensor([rows[j]["sample_len"] for j in ids], dtype=torch.long),
+            "ended_with_eos": torch.tensor([rows[j]["ended_with_eos"] for j in ids], dtype=torch.bool)}
+
+
+def unpack_rows(packed: dict[str, torch.Tensor]) -> dict[int, dict]:
+    """The inverse of :func:`pack_rows`."""
+    tokens = packed["tokens"].tolist()
+    ends = packed["lengths"].cumsum(0).tolist()
+    rows = {}
+    for k, j in enumerate(packed["example_ids"].tolist()):
+        start = ends[k - 1] if k else 0
+        rows[j] = {"input_ids": tokens[start : ends[k]], "prompt_len": int(packed["prompt_len"][k]),
+                   "sample_len": int(packed["sample_len"][k]),
+                   "ended_with_eos": bool(packed["ended_with_eos"][k]), "example_id": j}
+    return rows
+
+
 class ReplayBuffer:
     """FIFO buffer of encoded rows (``{"input_ids": list[int], "prompt_len": int, ...}``), as DistiLLM's
     ``distillm/buffer.py`` (a ``deque(maxlen=capacity)`` of rows).
