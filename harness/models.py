@@ -30,7 +30,8 @@ def build_tiny(spec: dict, vocab_size: int, seed: int, max_positions: int, speci
     GPT-2: no dropout, and the exact (erf) GELU (``activation_function="gelu"``) instead of GPT-2's tanh
     approximation (``gelu_new``; the two differ by < 1e-3): these models are trained from scratch here, and on a
     CPU torch's erf GELU is cheaper than its tanh one (measured on torch 2.13 with AVX-512, 960 × 256: forward
-    95–160 against 400 µs, backward 260 against 450 µs; about a tenth of a tiny training step). Checkpoints loaded by path or hub id keep their own activation."""
+    95–160 against 400 µs, backward 260 against 450 µs; about a tenth of a tiny training step). Checkpoints
+    loaded by path or hub id keep their own activation."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     arch = spec.get("arch", "gpt2")
@@ -141,6 +142,19 @@ def counted_logits(model, input_ids: Tensor, attention_mask: Tensor, mask: Tenso
     rows. A model that is not a plain Hugging Face causal LM of :data:`HEAD_ONLY_TYPES` (a DDP/FSDP wrapper,
     an architecture with a soft-capped head, ...) gets the full ``model(...).logits``.
     """
+    rows = mask > 0
+    counted = counted_rows(model, input_ids, attention_mask, mask)
+    if counted.dim() == 3:  # not a head-only model: the full logits
+        return counted
+    out = counted.new_zeros((*input_ids.shape, counted.shape[-1]))
+    out[rows] = counted
+    return out
+
+
+def counted_rows(model, input_ids: Tensor, attention_mask: Tensor, mask: Tensor) -> Tensor:
+    """The logits of the counted positions only, ``[N, V]`` in row-major order of ``mask > 0`` (N counted
+    positions), for a model of :data:`HEAD_ONLY_TYPES` (see :func:`counted_logits`); any other model: its full
+    ``model(...).logits`` ``[B, T, V]`` (the caller selects ``[mask > 0]`` itself)."""
     from transformers import PreTrainedModel
 
     config = getattr(model, "config", None)
@@ -149,8 +163,4 @@ def counted_logits(model, input_ids: Tensor, attention_mask: Tensor, mask: Tenso
             or model.base_model is model or mask.shape != input_ids.shape):
         return model(input_ids=input_ids, attention_mask=attention_mask).logits
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask)[0]
-    rows = mask > 0
-    counted = head(hidden[rows])
-    out = counted.new_zeros((*input_ids.shape, counted.shape[-1]))
-    out[rows] = counted
-    return out
+    return head(hidden[mask > 0])

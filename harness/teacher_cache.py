@@ -41,7 +41,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .data import batching
-from .models import counted_logits
+from .models import counted_rows
 from .cache_schema import CACHE_SCHEMA, DTYPE_NAMES, MODES  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
@@ -258,10 +258,10 @@ def build_cache(
         for start in tqdm(range(0, len(examples), batch_size), desc="teacher cache", disable=not progress):
             batch = batching.collate(examples[start : start + batch_size], pad_id)
             batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
-            logits = counted_logits(teacher, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
             mask = batch["loss_mask"] > 0
+            logits = counted_rows(teacher, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
             counts.extend(mask.sum(1).tolist())
-            logp = torch.log_softmax(logits[mask].float(), dim=-1)
+            logp = torch.log_softmax((logits[mask] if logits.dim() == 3 else logits).float(), dim=-1)
             if mode == "exact":
                 chunks["logp"].append(logp.to(store).cpu())
             elif mode == "sampled":

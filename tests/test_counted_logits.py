@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.models import build_tiny, counted_logits
+from harness.models import build_tiny, counted_logits, counted_rows
 from harness.recipes import discover
 
 V, B, T = 40, 4, 9
@@ -44,6 +44,9 @@ def test_counted_rows_and_gradients_equal_the_full_forward(arch):
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
 
+    packed = counted_rows(model, ids, attention, mask)  # the teacher cache's form: [N, V], row-major order
+    assert packed.shape == (int(rows.sum()), V)
+    torch.testing.assert_close(packed, full[rows].detach(), rtol=1e-12, atol=1e-12)
     out = counted_logits(model, ids, attention, mask)
     assert out.shape == full.shape
     torch.testing.assert_close(out[rows], full[rows].detach(), rtol=1e-12, atol=1e-12)
@@ -69,6 +72,7 @@ def test_a_wrapped_or_unknown_model_gets_its_full_logits():
     full = model(input_ids=ids, attention_mask=attention).logits
     out = counted_logits(Wrapper(model), ids, attention, mask)
     assert torch.equal(out, full)                        # every position, including the uncounted ones
+    assert torch.equal(counted_rows(Wrapper(model), ids, attention, mask), full)  # [B, T, V]: the caller selects
     model.config.model_type = "gemma2"                   # a soft-capped head: not in HEAD_ONLY_TYPES
     assert torch.equal(counted_logits(model, ids, attention, mask), full)
 
