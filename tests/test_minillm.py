@@ -36,8 +36,11 @@ def _log_softmax(z):
 
 
 def released_minillm(s, t, labels, mask, role, w, *, gamma, cliprange, reward_scaling, cliprange_reward, lm_coef,
-                     kd_ratio, single_step=True, include_current_step=True):
-    """MiniLLM's loss and its gradient with respect to the student logits, float64, position by position."""
+                     kd_ratio, single_step=True, include_current_step=True, old=None):
+    """MiniLLM's loss and its gradient with respect to the student logits, float64, position by position.
+
+    ``old`` [B, T]: the stored log q_old(y) (sampler.py ``logprobs``); rewards log p − log q_old and ratio
+    exp(log q − log q_old)·w (losses.py ``_pg_loss``). ``None``: log q_old = the current log q (ratio w)."""
     lq, lp = _log_softmax(s), _log_softmax(t)
     q, p = np.exp(lq), np.exp(lp)
     B, T, V = s.shape
@@ -49,7 +52,8 @@ def released_minillm(s, t, labels, mask, role, w, *, gamma, cliprange, reward_sc
         ret = {}
         for b in range(B):
             ks = [k for k in range(T) if mask[b, k] and role[b] == 1]
-            r = [np.clip((lp[b, k, labels[b, k]] - lq[b, k, labels[b, k]]) / reward_scaling,
+            r = [np.clip((lp[b, k, labels[b, k]] - (lq[b, k, labels[b, k]] if old is None else old[b, k]))
+                         / reward_scaling,
                          -cliprange_reward, cliprange_reward) for k in ks]
             for j, k in enumerate(ks):
                 first = j if include_current_step else j + 1
@@ -59,7 +63,7 @@ def released_minillm(s, t, labels, mask, role, w, *, gamma, cliprange, reward_sc
         A = (R - R.mean()) / np.sqrt(R.var(ddof=1) + 1e-8) if len(R) > 1 else R - R.mean()
         n = len(samp)
         for a, (b, k) in zip(A, samp):
-            ratio = w[b, k]
+            ratio = w[b, k] * (1.0 if old is None else math.exp(lq[b, k, labels[b, k]] - old[b, k]))
             clipped = min(max(ratio, 1 - cliprange), 1 + cliprange)
             loss += max(-a * ratio, -a * clipped) / n
             if -a * ratio >= -a * clipped:  # the unclipped branch carries the gradient
@@ -98,9 +102,24 @@ def fixed_inputs(seed=0, B=3, T=6, V=7, scale=2.0):
     return s, t, labels, mask, role, w
 
 
-def torch_batch(labels, mask, role, w):
-    return {"labels": torch.tensor(labels), "loss_mask": torch.tensor(mask, dtype=torch.float64),
-            "minillm_role": torch.tensor(role), "mix_weight": torch.tensor(w)}
+def torch_batch(labels, mask, role, w, old=None):
+    out = {"labels": torch.tensor(labels), "loss_mask": torch.tensor(mask, dtype=torch.float64),
+           "minillm_role": torch.tensor(role), "mix_weight": torch.tensor(w)}
+    if old is not None:
+        out["old_logprobs"] = torch.tensor(old)
+    return out
+
+
+def shifted_old_logprobs(s, labels, mask, role, seed=3, spread=0.4):
+    """log q_old = the current log q(y) shifted by U(−spread, spread) at the sampled positions (0 elsewhere): the
+    student after some PPO updates, so the ratio exp(log q − log q_old) is not 1 (some beyond 1 ± 0.2)."""
+    lq = _log_softmax(s)
+    rng = np.random.default_rng(seed)
+    old = np.zeros(labels.shape)
+    for b, k in zip(*np.nonzero(mask)):
+        if role[b] == 1:
+            old[b, k] = lq[b, k, labels[b, k]] + rng.uniform(-spread, spread)
+    return old
 
 
 @pytest.mark.parametrize("include_current_step", [True, False])
@@ -117,6 +136,35 @@ def test_minillm_loss_and_gradient_equal_the_released_formula(include_current_st
     got.backward()
     assert float(got.detach()) == pytest.approx(want, rel=1e-10, abs=1e-12)
     np.testing.assert_allclose(st.grad.numpy(), want_grad, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("include_current_step", [True, False])
+@pytest.mark.parametrize("params", [DEFAULTS, dict(DEFAULTS, gamma=1.0, reward_scaling=1.0, cliprange_reward=0.5,
+                                                   kd_ratio=0.0, lm_coef=0.3)])
+def test_minillm_with_old_logprobs_equals_the_released_ppo_formula(include_current_step, params):
+    """Later PPO epochs: the ratio exp(log q − log q_old)·w differs from w and the rewards use the stored log q_old
+    (losses.py ``_pg_loss``, sampler.py rewards); loss and gradient against the NumPy formula."""
+    s, t, labels, mask, role, w = fixed_inputs()
+    old = shifted_old_logprobs(s, labels, mask, role)
+    ratios = [math.exp(_log_softmax(s)[b, k, labels[b, k]] - old[b, k]) * w[b, k]
+              for b, k in zip(*np.nonzero(mask)) if role[b] == 1]
+    assert min(ratios) < 0.8 and max(ratios) > 1.2 and any(0.8 < x < 1.2 for x in ratios)  # both branches
+    want, want_grad = released_minillm(s, t, labels, mask, role, w, old=old,
+                                       include_current_step=include_current_step, **params)
+    st = torch.tensor(s, requires_grad=True)
+    got = minillm(st, torch.tensor(t), torch_batch(labels, mask, role, w, old),
+                  include_current_step=include_current_step, **params)
+    got.backward()
+    assert float(got.detach()) == pytest.approx(want, rel=1e-10, abs=1e-12)
+    np.testing.assert_allclose(st.grad.numpy(), want_grad, rtol=1e-8, atol=1e-12)
+    # the stored log q_old matters: without it (ratio w, rewards from the current student) the value differs
+    plain = float(minillm(torch.tensor(s), torch.tensor(t), torch_batch(labels, mask, role, w),
+                          include_current_step=include_current_step, **params))
+    assert abs(plain - want) > 1e-3
+    # and old = the current log q reproduces the per-batch loss exactly
+    same = shifted_old_logprobs(s, labels, mask, role, spread=0.0)
+    assert float(minillm(torch.tensor(s), torch.tensor(t), torch_batch(labels, mask, role, w, same),
+                         include_current_step=include_current_step, **params)) == pytest.approx(plain, rel=1e-12)
 
 
 def test_minillm_normalizer_weights_by_tokens_and_weighted_loss_passes_the_batch():
@@ -216,18 +264,24 @@ def test_mode_weights_are_the_mixture_importance_weights(tiny):
         lq = torch.log_softmax(student.eval()(**inputs).logits.double(), -1).numpy()
         lp = torch.log_softmax(teacher.eval()(**inputs).logits.double(), -1).numpy()
     labels, m, w = batch["labels"].numpy(), batch["loss_mask"].numpy() > 0, batch["mix_weight"].numpy()
+    old = batch["old_logprobs"].numpy()
     checked = 0
     for b in range(2 * BS):
         for k in range(labels.shape[1]):
             if m[b, k] and b < BS:
                 q, p = math.exp(lq[b, k, labels[b, k]]), math.exp(lp[b, k, labels[b, k]])
                 assert w[b, k] == pytest.approx(q / (0.8 * q + 0.2 * p), rel=1e-4)
+                # the student is unchanged since sampling: log q_old is its log q (KV-cache pass vs full forward)
+                assert old[b, k] == pytest.approx(lq[b, k, labels[b, k]], abs=1e-4)
                 checked += 1
             else:
-                assert w[b, k] == 1.0
-    assert checked == src.sampled["tokens"] > 0
+                assert w[b, k] == 1.0 and old[b, k] == 0.0
+    assert checked == sum(src.store[j]["sample_len"] for j in src.store_rows(0)) > 0
+    # the whole first collection (num_rollouts = 256 responses) was sampled for micro-batch 0
+    assert src.sampled["samples"] == 256 and src.sampled["tokens"] == sum(r["sample_len"] for r in src.store)
     stats = src.stats
-    assert stats["generation"]["student_generated_tokens"] == checked and stats["generation"]["student_tokens_per_s"] > 0
+    assert stats["generation"]["student_generated_tokens"] == src.sampled["tokens"]
+    assert stats["generation"]["student_tokens_per_s"] > 0
     assert src.timings["generation_s"] > src.timings["teacher_generation_s"] > 0
 
 
@@ -289,6 +343,153 @@ def test_mode_and_loss_train_and_resume(tiny):
     again = build("minillm", {}, ctx(tiny, student=student, teacher=teacher, steps=3))
     again.load_state_dict(src.state_dict())
     assert again.stats == src.stats
+
+
+# ------------------------------------------------------------------- the PPO structure of the rollout store
+# released (microsoft/LMOps@4f2a9deb5f08e459fd44c2e4792344d78ca89fc3 minillm/minillm/trainer.py ``train``): for each
+# collection of num_rollouts rollouts, ppo_epochs shuffled passes over the store, one step per mini-batch, the LM
+# batch from its own iterator; ``post_epoch_callback`` collects the next store.
+PPO = {"num_rollouts": 2 * BS, "ppo_epochs": 3}   # N = 2 micro-batches per pass, C = 6 per collection
+
+
+def _prompts(batch, rows):
+    return [batch["input_ids"][b, : int(batch["prompt_len"][b])].tolist() for b in rows]
+
+
+def _sampled(batch):
+    """(prompt, response) of every sampled row of a micro-batch."""
+    rows = [b for b in range(batch["input_ids"].shape[0]) if int(batch["minillm_role"][b]) == 1]
+    return list(zip(map(tuple, _prompts(batch, rows)), map(tuple, responses(batch, rows))))
+
+
+def _permutations(seed, c, epochs):
+    """The shuffles the mode documents: draws in order from SeedSequence([seed, c, 6]) with NumPy's PCG64."""
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, c, 6])))
+    return [rng.permutation(PPO["num_rollouts"]) for _ in range(epochs)]
+
+
+def test_rollout_store_is_served_ppo_epochs_times_in_shuffled_micro_batches(tiny):
+    from harness.modes.base import torch_seed
+    from harness.modes.minillm import mixed_sample_rows
+
+    student, teacher = model(tiny, 1), model(tiny, 2, layers=2, width=48)
+    context = ctx(tiny, student=student, teacher=teacher, seed=3)
+    src = build("minillm", PPO, context)
+    N, C = PPO["num_rollouts"] // BS, PPO["num_rollouts"] // BS * PPO["ppo_epochs"]
+    for c in range(2):
+        # the store: the prompts of reference(c·N + m), m = 0..N-1, each batch sampled with its own seed
+        store = []
+        for m in range(N):
+            ref = context.reference(c * N + m)
+            rows = mixed_sample_rows(student, teacher, _prompts(ref, range(BS)), mix_alpha=0.2,
+                                     eos_id=tiny["tok"].eos_token_id, pad_id=tiny["tok"].pad_token_id,
+                                     temperature=1.0, max_new_tokens=NEW, max_length=MAX_LEN,
+                                     seed=torch_seed(3, c * N + m, 2))
+            store += [(tuple(r["input_ids"][: r["prompt_len"]]), tuple(r["input_ids"][r["prompt_len"]:]), r)
+                      for r in rows]
+        perms = _permutations(3, c, PPO["ppo_epochs"])
+        for e in range(PPO["ppo_epochs"]):
+            seen = []
+            for k in range(N):
+                i = c * C + e * N + k
+                batch = src(i)
+                assert src.sampled["samples"] == (c + 1) * PPO["num_rollouts"]  # one collection per C batches
+                want = sorted(int(x) for x in perms[e][k * BS:(k + 1) * BS])
+                assert _sampled(batch) == [store[j][:2] for j in want]
+                seen += want
+                # the LM rows are reference(i), the separate iterator of the released trainer
+                assert responses(batch, range(BS, 2 * BS)) == responses(context.reference(i), range(BS))
+                # old log q and w at the sampled tokens' label positions, as sampled
+                for b, j in enumerate(want):
+                    row, start = store[j][2], int(batch["prompt_len"][b]) - 1
+                    got_old = batch["old_logprobs"][b].tolist()
+                    assert got_old[start:start + row["sample_len"]] == pytest.approx(row["student_logprobs"],
+                                                                                    abs=1e-12)
+                    assert sum(abs(x) for x in got_old) == pytest.approx(sum(abs(x) for x in
+                                                                             row["student_logprobs"]), abs=1e-9)
+                    assert batch["mix_weight"][b, start:start + row["sample_len"]].tolist() == pytest.approx(
+                        row["mix_weight"], rel=1e-6)
+            assert sorted(seen) == list(range(PPO["num_rollouts"]))  # every rollout once per PPO epoch
+        assert perms[0].tolist() != perms[1].tolist()  # the epochs are shuffled anew
+
+
+def test_one_micro_batch_one_epoch_reproduces_per_batch_sampling(tiny):
+    """num_rollouts = B, ppo_epochs = 1: micro-batch i is the responses to reference(i)'s prompts sampled with
+    torch_seed(seed, i, STREAM_GENERATE), then reference(i): the batches of the mode before the rollout store."""
+    from harness.data.batching import collate
+    from harness.modes.base import torch_seed
+    from harness.modes.minillm import mixed_sample_rows
+
+    student, teacher = model(tiny, 1), model(tiny, 2, layers=2, width=48)
+    context = ctx(tiny, student=student, teacher=teacher, seed=4)
+    src = build("minillm", {"num_rollouts": BS, "ppo_epochs": 1}, context)
+    pad = tiny["tok"].pad_token_id
+    for i in range(3):
+        ref = context.reference(i)
+        rows = mixed_sample_rows(student, teacher, _prompts(ref, range(BS)), mix_alpha=0.2,
+                                 eos_id=tiny["tok"].eos_token_id, pad_id=pad, temperature=1.0,
+                                 max_new_tokens=NEW, max_length=MAX_LEN, seed=torch_seed(4, i, 2))
+        lengths = ref["lengths"].tolist()
+        want = collate(rows + [{"input_ids": ref["input_ids"][b, : lengths[b]].tolist(),
+                                "prompt_len": int(ref["prompt_len"][b])} for b in range(BS)], pad)
+        weight = torch.ones(want["labels"].shape, dtype=torch.float32)
+        for b, row in enumerate(rows):
+            weight[b, row["prompt_len"] - 1: row["prompt_len"] - 1 + row["sample_len"]] = torch.tensor(
+                row["mix_weight"], dtype=torch.float32)
+        got = src(i)
+        for key in ("input_ids", "attention_mask", "labels", "loss_mask", "prompt_len", "lengths"):
+            assert torch.equal(got[key], want[key]), key
+        assert torch.equal(got["mix_weight"], weight)
+        assert got["minillm_role"].tolist() == [1] * BS + [0] * BS
+        assert got["prompt_example_ids"].tolist() == ref["example_ids"].tolist() * 2
+        assert src.sampled["samples"] == (i + 1) * BS
+
+
+def test_resuming_inside_a_collection_serves_the_stored_rollouts(tiny):
+    import io
+
+    student, teacher = model(tiny, 1), model(tiny, 2, layers=2, width=48)
+    whole = build("minillm", PPO, ctx(tiny, student=student, teacher=teacher, seed=2))
+    want = [whole(i) for i in range(8)]  # collection 0 (C = 6) and the start of collection 1
+    first = build("minillm", PPO, ctx(tiny, student=student, teacher=teacher, seed=2))
+    for i in range(5):
+        first(i)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)  # tensors and plain values only
+    assert state["collection"] == 0 and state["store"]["tokens"].dtype == torch.int32
+    # a student that moved since: a resumed run must not resample the current collection
+    moved = model(tiny, 9)
+    resumed = build("minillm", PPO, ctx(tiny, student=moved, teacher=teacher, seed=2))
+    resumed.load_state_dict(state)
+    got = resumed(5)
+    assert resumed.sampled["samples"] == first.sampled["samples"] == PPO["num_rollouts"]
+    for key in ("input_ids", "labels", "loss_mask", "mix_weight", "old_logprobs", "minillm_role"):
+        assert torch.equal(got[key], want[5][key]), key
+    # with the same student, every later micro-batch equals the uninterrupted run's, across the next collection
+    again = build("minillm", PPO, ctx(tiny, student=student, teacher=teacher, seed=2))
+    again.load_state_dict(state)
+    for i in range(5, 8):
+        got = again(i)
+        for key in ("input_ids", "attention_mask", "labels", "loss_mask", "mix_weight", "old_logprobs",
+                    "minillm_role", "prompt_example_ids"):
+            assert torch.equal(got[key], want[i][key]), (i, key)
+    assert again.collection == whole.collection == 1 and again.sampled == whole.sampled
+    for key in ("mix_weight", "ppo"):
+        assert again.stats[key] == whole.stats[key], key
+
+
+def test_num_rollouts_must_be_a_multiple_of_the_micro_batch(tiny):
+    from harness.schema import ConfigError
+
+    student, teacher = model(tiny, 1), model(tiny, 2)
+    with pytest.raises(ConfigError, match=rf"mode_params.num_rollouts 6 is not a positive multiple of the micro-batch "
+                                          rf"size {BS}; set it to a multiple of {BS} \(e.g. 4\)") as info:
+        build("minillm", {"num_rollouts": 6}, ctx(tiny, student=student, teacher=teacher))
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="ppo_epochs"):
+        build("minillm", {"ppo_epochs": 0}, ctx(tiny, student=student, teacher=teacher))
 
 
 # ------------------------------------------------------------------------------- the recipe, end to end

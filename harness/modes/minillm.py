@@ -5,9 +5,10 @@ Read from microsoft/LMOps@4f2a9deb5f08e459fd44c2e4792344d78ca89fc3: ``minillm/mi
 (``PPOSampler.run_sample``: responses sampled from the mixture of teacher and student, the importance weight
 ``w = q(y_t) / ((1 − α) q(y_t) + α p(y_t))`` from the current student's and the teacher's token probabilities),
 ``minillm/minillm/trainer.py`` (``generate``: ``mix_in_model = teacher``, ``mix_in_alpha = teacher_mixed_alpha``;
-``train``: rollout rows and language-model rows in one forward), ``minillm/arguments.py`` and
+``train``: ``ppo_epochs`` shuffled passes over the rollout store, one optimizer step per mini-batch, rollout rows
+and language-model rows in one forward; ``post_epoch_callback``: a fresh collection), ``minillm/arguments.py`` and
 ``scripts/gpt2/minillm/train_base_xl.sh`` (``--teacher-mixed-alpha 0.2``, ``--top-k 0 --top-p 1.0
---temperature 1.0``). The loss is the objective ``minillm`` (:mod:`harness.objectives.minillm`), which reads
+--temperature 1.0``, ``--num-rollouts 256``, ``--ppo-epochs 4``). The loss is the objective ``minillm`` (:mod:`harness.objectives.minillm`), which reads
 what this mode attaches.
 """
 
@@ -20,10 +21,15 @@ from typing import Sequence
 import torch
 
 from ..data.batching import collate
-from ..schema import Field
-from .base import STREAM_GENERATE, ModeContext, require, torch_seed
+from ..schema import ConfigError, Field
+from .base import STREAM_GENERATE, ModeContext, draw_rng, require, torch_seed
 from .registry import register_mode
-from .sampling import SamplingSource
+from .sampling import SamplingSource, pack_rows, unpack_rows
+
+# the shuffles of a rollout collection's store: the e-th permutation drawn from draw_rng(seed, c, STREAM_PPO)
+# serves PPO epoch e of collection c (base.py's streams are 1-4, seq_kd's teacher stream 5)
+STREAM_PPO = 6
+_PER_TOKEN = ("student_logprobs", "teacher_logprobs", "mix_weight")
 
 
 def _forward_keys(model) -> tuple[str, bool, bool]:
@@ -155,18 +161,38 @@ def mixed_sample_rows(student, teacher, prompts: Sequence[Sequence[int]], *, mix
 
 @register_mode("minillm")
 class MiniLLMSampling(SamplingSource):
-    """MiniLLM (Gu et al., ICLR 2024): responses sampled from the teacher-student mixture, plus the reference rows.
+    """MiniLLM (Gu et al., ICLR 2024): PPO over stores of teacher-mixed student samples, plus the reference rows.
 
-    Every micro-batch holds, for each of its B prompts, a response sampled token by token from the mixture ``(1 − mix_alpha)·student + mix_alpha·teacher`` (released: 0.2; KV cache for
-    both models, eval mode, the suite's ``max_new_tokens``), and then, when ``reference_rows`` is true, the B
-    reference rows of the same micro-batch, which MiniLLM's language-model term trains on (the released code reads
-    them from a separate pre-training corpus). It attaches:
+    Rollouts are collected as the released trainer does: a store of ``num_rollouts`` responses (released
+    ``--num-rollouts 256``), each sampled token by token from the mixture ``(1 − mix_alpha)·student +
+    mix_alpha·teacher`` (released 0.2; KV cache for both models, eval mode, the suite's ``max_new_tokens``), is
+    served ``ppo_epochs`` times (released ``--ppo-epochs 4``), each time in a new random order, B rows per
+    micro-batch (B: the micro-batch size; ``num_rollouts`` must be a multiple of it). With N = num_rollouts / B
+    and C = N · ppo_epochs, micro-batch i belongs to collection ``c = i // C``, PPO epoch ``e = (i mod C) // N``
+    and slot ``k = i mod N``:
+
+    * collection c is sampled when it is first needed, from the student of that moment: its m-th prompt batch
+      (m = 0 … N − 1) is the prompts of ``ctx.reference(c·N + m)``, sampled with the torch seed
+      ``torch_seed(seed, c·N + m, STREAM_GENERATE)``; the store is its N·B rows in that order;
+    * PPO epoch e serves the store in the e-th permutation drawn from ``draw_rng(seed, c, STREAM_PPO)``; slot k
+      holds the store rows at positions ``k·B … k·B + B − 1`` of that permutation, in store order (the order of
+      rows inside a micro-batch does not change the loss), so every rollout is used once per epoch;
+    * when ``reference_rows`` is true, the B reference rows of ``ctx.reference(i)`` follow, for MiniLLM's
+      language-model term (the released code reads them from a separate pre-training corpus iterator).
+
+    ``num_rollouts = B, ppo_epochs = 1`` gives a fresh collection per micro-batch: the responses of the prompts of
+    ``reference(i)`` sampled with ``torch_seed(seed, i, STREAM_GENERATE)``. Only the current collection is kept;
+    it travels in :meth:`state_dict`, so a run resumed inside a collection continues with the same rollouts.
+    Each micro-batch carries:
 
     ``minillm_role`` [R]
         1 for sampled rows (the policy-gradient and per-step terms), 0 for reference rows (the LM term).
     ``mix_weight`` [R, T]
         at the label position of every sampled token, its importance weight
-        ``q(y_t) / ((1 − α) q(y_t) + α p(y_t))`` (student and teacher at sampling time); 1 elsewhere.
+        ``q_old(y_t) / ((1 − α) q_old(y_t) + α p(y_t))`` (student and teacher at sampling time); 1 elsewhere.
+    ``old_logprobs`` [R, T]
+        at the same positions, ``log q_old(y_t)``: the student's log-probability at sampling time (the released
+        store's ``logprobs``), from which the loss takes its rewards and its ratio; 0 elsewhere.
 
     ``mix_alpha = 0`` samples from the student alone (weights 1). Sampling is multinomial at ``temperature``
     without top-k/top-p filtering (the released ``--top-k 0 --top-p 1.0``). The released code's extra
@@ -180,6 +206,10 @@ class MiniLLMSampling(SamplingSource):
                                                           "(released --teacher-mixed-alpha 0.2)"),
         "reference_rows": Field((bool,), True, help="append the micro-batch's reference rows for the LM term "
                                                     "(false: sampled rows only, for lm_coef = 0)"),
+        "num_rollouts": Field((int,), 256, ge=1, help="rollouts per collection, a multiple of the micro-batch size "
+                                                      "(released --num-rollouts 256)"),
+        "ppo_epochs": Field((int,), 4, ge=1, help="shuffled passes over each collection, one micro-batch of it per "
+                                                  "micro-batch of training (released --ppo-epochs 4)"),
     }
 
     @classmethod
@@ -188,17 +218,47 @@ class MiniLLMSampling(SamplingSource):
                 "mode_params.top_k/top_p: the teacher-mixed sampler draws from the full mixture; set top_k: 0 and "
                 "top_p: 1.0 (the released --top-k 0 --top-p 1.0)")
 
-    def __init__(self, ctx: ModeContext, *, mix_alpha: float, reference_rows: bool, **sampling):
-        super().__init__(ctx, mix_alpha=mix_alpha, reference_rows=reference_rows, **sampling)
+    def __init__(self, ctx: ModeContext, *, mix_alpha: float, reference_rows: bool, num_rollouts: int,
+                 ppo_epochs: int, **sampling):
+        super().__init__(ctx, mix_alpha=mix_alpha, reference_rows=reference_rows, num_rollouts=num_rollouts,
+                         ppo_epochs=ppo_epochs, **sampling)
         if ctx.teacher is None:
             raise ValueError(f"{self.name}: this mode samples from the teacher-student mixture and needs ctx.teacher "
                              "(the teacher model); harness.steps.distill passes it for modes with "
                              "generates_with_teacher")
         if self.top_k != 0 or self.top_p != 1.0:
             raise ValueError(f"{self.name}: top_k/top_p filtering is not supported (set top_k 0, top_p 1.0)")
+        size = ctx.micro_batch_size()
+        if int(ppo_epochs) < 1 or int(num_rollouts) < 1 or int(num_rollouts) % size:
+            fix = max(size, int(num_rollouts) // size * size)
+            key, value, hint = (("ppo_epochs", ppo_epochs, "is below 1; set it to 1 or more (released --ppo-epochs 4)")
+                                if int(ppo_epochs) < 1 else
+                                ("num_rollouts", num_rollouts, f"is not a positive multiple of the micro-batch size "
+                                 f"{size}; set it to a multiple of {size} (e.g. {fix})"))
+            raise ConfigError(f"training mode {self.name!r}: mode_params.{key} {value} {hint}")
         self.mix_alpha, self.reference_rows = float(mix_alpha), bool(reference_rows)
+        self.num_rollouts, self.ppo_epochs = int(num_rollouts), int(ppo_epochs)
+        self.per_epoch = self.num_rollouts // size                  # N: micro-batches per pass over a store
+        self.per_collection = self.per_epoch * self.ppo_epochs      # C: micro-batches per collection
+        self.collection: int | None = None                          # index c of the rows in self.store
+        self.store: list[dict] = []
         self.weights = {"sum": 0.0, "min": None, "max": None}
         self.timings["teacher_generation_s"] = 0.0  # the teacher's forwards inside the mixed sampling
+
+    def position(self, i: int) -> tuple[int, int, int]:
+        """``(c, e, k)``: the collection, PPO epoch and slot of micro-batch ``i``."""
+        c, rest = divmod(int(i), self.per_collection)
+        e, k = divmod(rest, self.per_epoch)
+        return c, e, k
+
+    def store_rows(self, i: int) -> list[int]:
+        """Positions in collection ``c``'s store of the rollouts micro-batch ``i`` trains on (ascending)."""
+        c, e, k = self.position(i)
+        rng = draw_rng(self.ctx.seed, c, STREAM_PPO)
+        for _ in range(e + 1):
+            order = rng.permutation(self.num_rollouts)
+        size = self.num_rollouts // self.per_epoch
+        return sorted(int(x) for x in order[k * size: (k + 1) * size])
 
     def _mixed_rows(self, batch: dict, i: int) -> list[dict]:
         ids, plen = batch["input_ids"], batch["prompt_len"]
@@ -218,26 +278,46 @@ class MiniLLMSampling(SamplingSource):
             self.weights["sum"] += sum(ws)
             self.weights["min"] = min(ws) if self.weights["min"] is None else min(self.weights["min"], min(ws))
             self.weights["max"] = max(ws) if self.weights["max"] is None else max(self.weights["max"], max(ws))
+        example_ids = batch["example_ids"].tolist() if "example_ids" in batch else [-1] * len(rows)
+        for row, j in zip(rows, example_ids):
+            row["example_id"] = int(j)
         return rows
 
+    def _collect(self, c: int) -> None:
+        """Sample collection ``c`` into the store (replacing the previous one)."""
+        rows = []
+        for m in range(self.per_epoch):
+            j = c * self.per_epoch + m
+            rows += self._mixed_rows(self.ctx.reference(j), j)
+        self.store, self.collection = rows, c
+
     def __call__(self, i: int) -> dict:
+        c = self.position(i)[0]
+        if self.collection != c:
+            self._collect(c)
+        sampled = [self.store[k] for k in self.store_rows(i)]
         reference = self.ctx.reference(i)
-        rows = self._mixed_rows(reference, i)
+        rows = list(sampled)
         if self.reference_rows:
             lengths = reference["lengths"].tolist()
-            rows = rows + [{"input_ids": reference["input_ids"][b, : lengths[b]].tolist(),
-                            "prompt_len": int(reference["prompt_len"][b])} for b in range(len(lengths))]
-        batch = collate(rows, self.pad_id)
-        n_sampled = int(reference["input_ids"].shape[0])
+            rows += [{"input_ids": reference["input_ids"][b, : lengths[b]].tolist(),
+                      "prompt_len": int(reference["prompt_len"][b])} for b in range(len(lengths))]
+        batch = collate([{"input_ids": r["input_ids"], "prompt_len": r["prompt_len"]} for r in rows], self.pad_id)
+        n_sampled = len(sampled)
         weight = torch.ones(batch["labels"].shape, dtype=torch.float32)
-        for b, row in enumerate(rows[:n_sampled]):
+        old = torch.zeros(batch["labels"].shape, dtype=torch.float64)
+        for b, row in enumerate(sampled):
             start = row["prompt_len"] - 1  # the label of position t is token t + 1
             weight[b, start: start + row["sample_len"]] = torch.tensor(row["mix_weight"], dtype=torch.float32)
+            old[b, start: start + row["sample_len"]] = torch.tensor(row["student_logprobs"], dtype=torch.float64)
         batch["source"] = "generated"
         batch["minillm_role"] = torch.tensor([1] * n_sampled + [0] * (len(rows) - n_sampled))
         batch["mix_weight"] = weight
+        batch["old_logprobs"] = old
         if "example_ids" in reference:
-            batch["prompt_example_ids"] = torch.cat([reference["example_ids"]] * (2 if self.reference_rows else 1))
+            sampled_ids = torch.tensor([r["example_id"] for r in sampled], dtype=torch.long)
+            batch["prompt_example_ids"] = (torch.cat([sampled_ids, reference["example_ids"]])
+                                           if self.reference_rows else sampled_ids)
             if self.reference_rows:  # the reference rows, token for token: a teacher cache may serve them
                 batch["cached_rows"] = torch.arange(n_sampled, len(rows))
                 batch["cached_example_ids"] = reference["example_ids"].clone()
@@ -251,17 +331,41 @@ class MiniLLMSampling(SamplingSource):
         out["generation"] = {
             "mixed_generation_s": round(seconds, 4),
             "teacher_generation_s": round(self.timings["teacher_generation_s"], 4),  # part of mixed_generation_s
-            "student_generated_tokens": tokens,  # tokens of the responses trained on (drawn from the mixture)
+            "student_generated_tokens": tokens,  # tokens of the responses collected (drawn from the mixture)
             "student_tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
             "mix_alpha": self.mix_alpha,
         }
         out["mix_weight"] = {"mean": round(self.weights["sum"] / tokens, 6) if tokens else None,
                              "min": self.weights["min"], "max": self.weights["max"]}
+        out["ppo"] = {"num_rollouts": self.num_rollouts, "ppo_epochs": self.ppo_epochs,
+                      "collections": 0 if self.collection is None else self.collection + 1}
         return out
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "weights": dict(self.weights)}
+        store = None
+        if self.collection is not None:
+            store = pack_rows(dict(enumerate(self.store)))  # keyed by store position
+            store["prompt_example_ids"] = torch.tensor([r["example_id"] for r in self.store], dtype=torch.long)
+            for key in _PER_TOKEN:
+                store[key] = torch.tensor([x for r in self.store for x in r[key]], dtype=torch.float64)
+        return {**super().state_dict(), "weights": dict(self.weights), "collection": self.collection,
+                "store": store}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.weights.update(state["weights"])
+        self.collection, packed = state.get("collection"), state.get("store")
+        self.store = []
+        if self.collection is None or packed is None:
+            self.collection = None
+            return
+        rows = unpack_rows(packed)
+        ends = packed["sample_len"].cumsum(0).tolist()
+        flat = {key: packed[key].tolist() for key in _PER_TOKEN}
+        for k in range(len(rows)):
+            row = rows[k]
+            begin = ends[k - 1] if k else 0
+            row["example_id"] = int(packed["prompt_example_ids"][k])
+            for key in _PER_TOKEN:
+                row[key] = flat[key][begin: ends[k]]
+            self.store.append(row)

@@ -3,22 +3,30 @@ the single-step term computed exactly, plus a language-model term on reference r
 
 Gu, Dong, Wei, Huang, MiniLLM: Knowledge Distillation of Large Language Models, ICLR 2024 (arXiv 2306.08543).
 Read from microsoft/LMOps@4f2a9deb5f08e459fd44c2e4792344d78ca89fc3: ``minillm/minillm/losses.py``
-(``_get_advantages_and_returns``, ``_pg_loss``, ``_reg_loss``, ``pt_loss``), ``minillm/minillm/sampler.py``
-(rewards), ``minillm/minillm/reward.py`` (``log p``), ``minillm/minillm/trainer.py`` (``loss = rl_loss +
+(``ppo_loss``, ``_get_advantages_and_returns``, ``_pg_loss``, ``_reg_loss``, ``pt_loss``),
+``minillm/minillm/sampler.py`` (``run_sample``: rewards and the old log-probabilities, stored at sampling time), ``minillm/minillm/reward.py`` (``log p``), ``minillm/minillm/trainer.py`` (``loss = rl_loss +
 lm_coef · pt_loss``), ``minillm/arguments.py`` and ``scripts/gpt2/minillm/train_base_xl.sh`` (defaults).
 
 Conventions: p is the teacher, q the student (``softmax(logits / temperature)``; released temperature 1). The
 micro-batch comes from the training mode ``minillm``: ``minillm_role`` [B] (1: a response sampled from the
-mixture, 0: a reference row) and ``mix_weight`` [B, T] (the importance weight ``w_t = q(y_t) / ((1 − α) q(y_t) +
-α p(y_t))`` at each sampled token's label position). Only counted positions (``loss_mask``) enter.
+mixture, 0: a reference row), ``mix_weight`` [B, T] (the importance weight ``w_t = q_old(y_t) / ((1 − α)
+q_old(y_t) + α p(y_t))`` at each sampled token's label position) and, optionally, ``old_logprobs`` [B, T]
+(``log q_old(y_t)``: the student's log-probability when the response was sampled, the released store's
+``logprobs``). Only counted positions (``loss_mask``) enter.
 
-On the sampled rows, per counted position t of a row (y_t its label, positions in order):
+On the sampled rows, per counted position t of a row (y_t its label, positions in order), with
+``log q_old(y_t)`` = ``old_logprobs`` when the batch has them and ``sg(log q(y_t))`` (the current student,
+detached) otherwise:
 
-    r_t   = clip((log p(y_t) − sg(log q(y_t))) / reward_scaling, ±cliprange_reward)      (released rewards)
+    r_t   = clip((log p(y_t) − log q_old(y_t)) / reward_scaling, ±cliprange_reward)      (released rewards)
     R_t   = Σ_{s ≥ t} γ^{s−t} r_s / L_t,   L_t = counted positions s ≥ t of the row      (length normalisation)
     A_t   = (R_t − mean R) / sqrt(var R + 1e-8)   over the micro-batch's sampled positions  (whitening)
-    ρ_t   = exp(log q(y_t) − sg(log q(y_t))) · w_t        (value w_t; gradient w_t ∇ log q(y_t))
+    ρ_t   = exp(log q(y_t) − log q_old(y_t)) · w_t                (gradient ρ_t ∇ log q(y_t))
     pg    = mean_t max(−A_t ρ_t, −A_t clip(ρ_t, 1 − ε, 1 + ε))                             (clipped surrogate)
+
+(released ``run_sample``: rewards ``t_rewards + ent_rewards`` = log p − log q_old, scaled and clipped at
+sampling time; ``_pg_loss``: ratio ``exp(logprobs − old_logprobs) · w``.) Without ``old_logprobs`` the ratio is
+w_t in value (the first PPO step on fresh rollouts) and the rewards use the current student.
     reg   = mean_t Σ_v q_v (log q_v − log p_v)            (single-step term: exact per-step reverse KL)
 
 ``include_current_step = true`` (released) sums R_t from s = t, so r_t enters the long-term reward too; the
@@ -69,7 +77,8 @@ def minillm(student_logits: Tensor, teacher_logits: Tensor, batch: dict | None =
             include_current_step: bool = True, whiten: bool = True, lm_coef: float = 1.0,
             kd_ratio: float = 0.5) -> Tensor:
     """MiniLLM's loss on one micro-batch (see the module docstring). ``student_logits``/``teacher_logits``
-    [B, T, V]; ``batch`` needs ``labels``, ``loss_mask``, ``minillm_role`` [B] and ``mix_weight`` [B, T]."""
+    [B, T, V]; ``batch`` needs ``labels``, ``loss_mask``, ``minillm_role`` [B] and ``mix_weight`` [B, T], and may
+    hold ``old_logprobs`` [B, T] (``log q_old`` at the sampled tokens' label positions)."""
     if not isinstance(batch, dict):
         raise ObjectiveError("objective 'minillm' is sequence-level: WeightedLoss calls it with the micro-batch "
                              "(harness.distill.train passes batch=); it cannot be applied position by position "
@@ -95,9 +104,14 @@ def minillm(student_logits: Tensor, teacher_logits: Tensor, batch: dict | None =
         shape = labels.shape
         smask = torch.zeros(shape, dtype=dtype, device=device)
         smask[b[sampled], t[sampled]] = 1.0
+        lq_s = lq_tok[sampled]
         with torch.no_grad():
+            if "old_logprobs" in batch:
+                old = torch.as_tensor(batch["old_logprobs"], device=device).to(dtype)[b[sampled], t[sampled]]
+            else:
+                old = lq_s.detach()
             r = torch.zeros(shape, dtype=dtype, device=device)
-            r[b[sampled], t[sampled]] = ((lp_tok - lq_tok.detach())[sampled] / reward_scaling).clamp(
+            r[b[sampled], t[sampled]] = ((lp_tok[sampled] - old) / reward_scaling).clamp(
                 -cliprange_reward, cliprange_reward)
             ret = discounted_returns(r, smask, gamma, include_current_step) / remaining_lengths(smask)
             adv = ret[b[sampled], t[sampled]]
@@ -107,8 +121,7 @@ def minillm(student_logits: Tensor, teacher_logits: Tensor, batch: dict | None =
             elif whiten:
                 adv = adv - adv.mean()
             w = torch.as_tensor(batch["mix_weight"], device=device).to(dtype)[b[sampled], t[sampled]]
-        lq_s = lq_tok[sampled]
-        ratio = torch.exp(lq_s - lq_s.detach()) * w
+        ratio = torch.exp(lq_s - old) * w
         pg = torch.max(-adv * ratio, -adv * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)).mean()
         if single_step:
             lq_all, lp_all = log_q[sampled], log_p[sampled]
