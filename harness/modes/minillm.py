@@ -8,8 +8,8 @@ Read from microsoft/LMOps@4f2a9deb5f08e459fd44c2e4792344d78ca89fc3: ``minillm/mi
 ``train``: ``ppo_epochs`` shuffled passes over the rollout store, one optimizer step per mini-batch, rollout rows
 and language-model rows in one forward; ``post_epoch_callback``: a fresh collection), ``minillm/arguments.py`` and
 ``scripts/gpt2/minillm/train_base_xl.sh`` (``--teacher-mixed-alpha 0.2``, ``--top-k 0 --top-p 1.0
---temperature 1.0``, ``--num-rollouts 256``, ``--ppo-epochs 4``). The loss is the objective ``minillm`` (:mod:`harness.objectives.minillm`), which reads
-what this mode attaches.
+--temperature 1.0``, ``--num-rollouts 256``, ``--ppo-epochs 4``). The loss is the objective ``minillm``
+(:mod:`harness.objectives.minillm`), which reads what this mode attaches.
 """
 
 from __future__ import annotations

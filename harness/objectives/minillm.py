@@ -4,8 +4,9 @@ the single-step term computed exactly, plus a language-model term on reference r
 Gu, Dong, Wei, Huang, MiniLLM: Knowledge Distillation of Large Language Models, ICLR 2024 (arXiv 2306.08543).
 Read from microsoft/LMOps@4f2a9deb5f08e459fd44c2e4792344d78ca89fc3: ``minillm/minillm/losses.py``
 (``ppo_loss``, ``_get_advantages_and_returns``, ``_pg_loss``, ``_reg_loss``, ``pt_loss``),
-``minillm/minillm/sampler.py`` (``run_sample``: rewards and the old log-probabilities, stored at sampling time), ``minillm/minillm/reward.py`` (``log p``), ``minillm/minillm/trainer.py`` (``loss = rl_loss +
-lm_coef · pt_loss``), ``minillm/arguments.py`` and ``scripts/gpt2/minillm/train_base_xl.sh`` (defaults).
+``minillm/minillm/sampler.py`` (``run_sample``: rewards and the old log-probabilities, stored at sampling time),
+``minillm/minillm/reward.py`` (``log p``), ``minillm/minillm/trainer.py`` (``loss = rl_loss + lm_coef · pt_loss``),
+``minillm/arguments.py`` and ``scripts/gpt2/minillm/train_base_xl.sh`` (defaults).
 
 Conventions: p is the teacher, q the student (``softmax(logits / temperature)``; released temperature 1). The
 micro-batch comes from the training mode ``minillm``: ``minillm_role`` [B] (1: a response sampled from the
