@@ -1,6 +1,7 @@
-"""Micro-benchmarks of the harness (``python -m harness.bench objectives|startup|steps ...``).
+"""Micro-benchmarks of the harness (``python -m harness.bench objectives|startup|steps|runs ...``).
 
-``startup`` and ``steps`` are described in :data:`STARTUP_DOC` and :data:`STEPS_DOC` (below).
+``startup``, ``steps`` and ``runs`` are described in :data:`STARTUP_DOC`, :data:`STEPS_DOC` and :data:`RUNS_DOC`
+(below).
 
 ``objectives`` has two suites (``--suite``; default: ``gpu`` on CUDA, ``cpu`` otherwise):
 
@@ -1004,6 +1005,21 @@ def _steps_rows_json(argv: list[str], root: Path, out: Path) -> list[dict]:
     return [r for r in json.loads(out.read_text()) if "median_s" in r]
 
 
+def _revision(root: Path, name: str, command: str) -> str:
+    """The short hash of git revision ``name`` of the checkout at ``root``; a one-line exit when there is none."""
+    rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", name], capture_output=True, text=True)
+    if rev.returncode != 0:
+        raise SystemExit(f"bench {command}: --against {name!r} is not a git revision of {root} "
+                         f"({rev.stderr.strip()}); name a commit, e.g. --against HEAD~1")
+    return rev.stdout.strip()
+
+
+def _extract(root: Path, rev: str, dest: Path, *paths: str) -> None:
+    """``paths`` of revision ``rev`` (``git archive``) written under ``dest``."""
+    archive = subprocess.run(["git", "-C", str(root), "archive", rev, *paths], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+
+
 def bench_steps_against(args, argv: list[str]) -> str:
     """The ``steps`` benchmark of this checkout and of the harness at ``args.against`` (a git revision), run
     alternately ``args.rounds`` times by this file's measurement code (copied next to that revision's package),
@@ -1012,12 +1028,7 @@ def bench_steps_against(args, argv: list[str]) -> str:
     import tempfile
 
     root = Path(__file__).resolve().parents[1]
-    rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", args.against], capture_output=True,
-                         text=True)
-    if rev.returncode != 0:
-        raise SystemExit(f"bench steps: --against {args.against!r} is not a git revision of {root} "
-                         f"({rev.stderr.strip()}); name a commit, e.g. --against HEAD~1")
-    rev = rev.stdout.strip()
+    rev = _revision(root, args.against, "steps")
     passthrough, skip = [], False
     for a in argv:  # the same options less these (and their values); the suite file by absolute path
         if skip or a.split("=")[0] in ("--against", "--rounds", "--out", "--json", "--config"):
@@ -1028,8 +1039,7 @@ def bench_steps_against(args, argv: list[str]) -> str:
     with tempfile.TemporaryDirectory(prefix="bench-against-") as tmp:
         old = Path(tmp) / "old"
         old.mkdir()
-        archive = subprocess.run(["git", "-C", str(root), "archive", rev, "harness"], capture_output=True, check=True)
-        subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
+        _extract(root, rev, old, "harness")
         (old / "harness" / "bench.py").write_text(Path(__file__).read_text())
         runs: dict[str, list[dict]] = {"this": [], rev: []}
         for k in range(args.rounds):
@@ -1057,6 +1067,120 @@ def bench_steps_against(args, argv: list[str]) -> str:
         ob = statistics.median(r[n]["optimizer_s"] * 1e3 for r in runs[rev])
         lines.append(f"| {n} | {min(a):.1f}–{max(a):.1f} | {min(b):.1f}–{max(b):.1f} | "
                      f"{statistics.median(x / y for x, y in zip(a, b)):.2f} | {oa:.1f} | {ob:.1f} |")
+    return "\n".join(lines) + "\n"
+
+# ----------------------------------------------------------------------------------------------------------
+# whole training runs against another revision (``python -m harness.bench runs``)
+# ----------------------------------------------------------------------------------------------------------
+RUNS_DOC = """Whole training runs of some recipes: this checkout against the harness and recipes of a git revision.
+
+Each of ``--rounds`` rounds runs ``distill --recipe R --seed S`` for every recipe, first with this checkout, then
+with the revision's ``harness/`` and ``recipes/`` (``git archive``), each side in a fresh work directory that links
+the prerequisites of an existing one (``--workdir``, default the suite's: data, tokenizer, the primary teacher and
+its cache, the student inits and the search's chosen learning rates, as ``make reproduce`` leaves them), so every
+run trains and nothing is reused. Reported from each run's ``run.json``: the training loop's wall time, the time
+spent generating and the responses drawn (student and teacher). The runs of a recipe are alternated so that both
+sides see the same machine state; whole runs of the same code differed by up to a third between runs here."""
+
+_LINKED = ("data", "tokenizer", "teacher", "student_init", "teacher_cache.json", "teacher_cache.pt")
+
+
+def _run_costs(path: Path) -> dict:
+    """Training wall time, time generating and responses drawn, from a run's ``run.json``."""
+    record = json.loads(path.read_text())
+    stats = record.get("mode_stats") or {}
+    drawn = sum(int((stats.get(k) or {}).get("samples", 0)) for k in ("sampled", "teacher_sampled"))
+    costs = record["costs"]
+    return {"train_s": float(costs["train_time_s"]), "gen_s": float(costs.get("generation_s", 0.0)), "drawn": drawn}
+
+
+def _side(tmp: Path, name: str, tree: Path, work: Path, suite: dict, recipes: list[str]) -> Path:
+    """A fresh work directory ``tmp/work-name`` linking ``work``'s prerequisites, and its suite file (returned):
+    the suite with that work directory and ``tree``'s recipes."""
+    import yaml
+
+    side = tmp / f"work-{name}"
+    side.mkdir()
+    for item in _LINKED:
+        (side / item).symlink_to(work / item)
+    for r in recipes:  # the chosen rate only: the search's runs would be reused instead of trained
+        chosen = work / "tuning" / r / "chosen.json"
+        if chosen.exists():
+            (side / "tuning" / r).mkdir(parents=True)
+            (side / "tuning" / r / "chosen.json").write_text(chosen.read_text())
+    config = tmp / f"work-{name}.yaml"
+    config.write_text(yaml.safe_dump({**suite, "workdir": str(side), "recipes_dir": str(tree / "recipes")}))
+    return config
+
+
+def _span(values: list, fmt: str = "{:.1f}") -> str:
+    low, high = fmt.format(min(values)), fmt.format(max(values))
+    return low if low == high else f"{low}–{high}"
+
+
+def bench_runs(args) -> str:
+    """See :data:`RUNS_DOC`."""
+    import shutil
+    import tempfile
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    rev = _revision(root, args.against, "runs")
+    suite = yaml.safe_load(Path(args.config).read_text())
+    work = (root / (args.workdir or suite.get("workdir") or f"work/{suite['suite']}")).resolve()
+    missing = [name for name in _LINKED if not (work / name).exists()]
+    missing += [f"tuning/{r}/chosen.json" for r in args.recipes
+                if suite.get("tuning") and not (work / "tuning" / r / "chosen.json").exists()]
+    if missing:
+        raise SystemExit(f"bench runs: {work} lacks {', '.join(missing)}; build it first (make reproduce, or "
+                         f"snakemake --cores all --configfile {args.config}) or name another with --workdir")
+    costs: dict[str, dict[str, list[dict]]] = {"this": {}, rev: {}}
+    with tempfile.TemporaryDirectory(prefix="bench-runs-") as tmp:
+        tmp = Path(tmp)
+        (tmp / "rev").mkdir()
+        _extract(root, rev, tmp / "rev", "harness", "recipes")
+        trees = {"this": root, rev: tmp / "rev"}
+        configs = {label: _side(tmp, "this" if label == "this" else "rev", tree, work, suite, args.recipes)
+                   for label, tree in trees.items()}
+        for k in range(args.rounds):
+            for r in args.recipes:
+                for label, tree in trees.items():
+                    run_dir = Path(yaml.safe_load(configs[label].read_text())["workdir"]) / "runs" / r
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                    # -P: the side's package (PYTHONPATH) rather than the working directory's; the working directory
+                    # is this checkout, against which the work directory's relative paths resolve
+                    cmd = [sys.executable, "-P", "-m", "harness.cli", "--no-progress", "distill", "--config",
+                           str(configs[label]), "--threads", str(args.threads), "--recipe", r, "--seed", str(args.seed)]
+                    env = dict(os.environ, PYTHONPATH=str(tree), DISTILLBENCH_WORKER="0")
+                    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+                    if done.returncode != 0:
+                        last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+                        raise SystemExit(f"bench runs: {label}'s {r} (seed {args.seed}) failed: {last}")
+                    costs[label].setdefault(r, []).append(_run_costs(run_dir / f"seed{args.seed}" / "run.json"))
+                    print(f"round {k + 1}/{args.rounds}: {r} {label}: {costs[label][r][-1]['train_s']:.1f} s",
+                          file=sys.stderr, flush=True)
+    shown = work.relative_to(root) if work.is_relative_to(root) else work
+    lines = [
+        f"# Training runs: this checkout against {rev}",
+        "",
+        f"- command: `python -m harness.bench {' '.join(shlex.quote(a) for a in sys.argv[1:])}`",
+        f"- suite {suite['suite']} ({args.config}), training seed {args.seed}, {args.threads} torch thread(s), "
+        f"{platform.machine()}, torch {torch.__version__}; prerequisites linked from {shown}",
+        f"- {args.rounds} round(s), the two sides alternated per recipe; train s: the training loop's wall time "
+        "(run.json costs.train_time_s), generating s: the part spent sampling, drawn: responses sampled (student and "
+        "teacher); min–max over the rounds; ratio: median over rounds of this / that",
+        "",
+        f"| recipe | this: train s | {rev}: train s | this / {rev} | this: generating s | {rev}: generating s | "
+        f"this: drawn | {rev}: drawn |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in args.recipes:
+        a, b = costs["this"][r], costs[rev][r]
+        ratio = statistics.median(x["train_s"] / y["train_s"] for x, y in zip(a, b))
+        lines.append(f"| {r} | {_span([x['train_s'] for x in a])} | {_span([x['train_s'] for x in b])} | "
+                     f"{ratio:.2f} | {_span([x['gen_s'] for x in a])} | {_span([x['gen_s'] for x in b])} | "
+                     f"{_span([x['drawn'] for x in a], '{:,}')} | {_span([x['drawn'] for x in b], '{:,}')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -1123,7 +1247,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="with --against: runs of each, alternated")
     p.add_argument("--json", default=None, help=argparse.SUPPRESS)  # rows for --against
     p.add_argument("--out", default=None, help="also write the Markdown table here")
+    p = sub.add_parser("runs", help="whole training runs of some recipes, this checkout against a git revision")
+    p.add_argument("--config", default="config/tiny.yaml", help="suite whose work directory has the prerequisites")
+    p.add_argument("--workdir", default=None, help="that work directory (default: the suite's, e.g. work/tiny)")
+    p.add_argument("--recipes", nargs="+", default=["minillm", "distillm2"], help="recipes to train")
+    p.add_argument("--seed", type=int, default=2, help="training seed (default 2: not the search's seed)")
+    p.add_argument("--against", required=True, metavar="REV", help="git revision whose harness and recipes run too")
+    p.add_argument("--rounds", type=int, default=2, help="runs of each side per recipe, alternated")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the suite's jobs use threads_per_job)")
+    p.add_argument("--out", default=None, help="also write the Markdown table here")
     args = parser.parse_args(argv)
+    if args.what == "runs":
+        return _emit(bench_runs(args), args.out)
     if args.what == "steps" and args.against:
         return _emit(bench_steps_against(args, list(sys.argv[2:] if argv is None else argv[1:])), args.out)
     if args.what == "steps":

@@ -125,6 +125,28 @@ def test_publish_then_check_reports_reproduced(smoke_run):
     assert out.returncode == 0 and "current:" in out.stdout and "reproduced: all" in out.stdout, out.stdout
 
 
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (REPO / ".git").exists(), reason="needs the git history of a clone")
+def test_bench_runs_trains_both_sides_on_the_work_directorys_prerequisites(smoke_run):
+    """``python -m harness.bench runs``: this checkout and a revision (here HEAD) each train the recipe afresh on the
+    smoke run's prerequisites (linked, never written: the smoke run's own runs stay as they were)."""
+    tmp, _ = smoke_run
+    before = sorted(p.name for p in (tmp / "work" / "runs" / "fkl").iterdir())
+    out = subprocess.run([sys.executable, "-m", "harness.bench", "runs", "--config", "config/smoke.yaml", "--workdir",
+                          str(tmp / "work"), "--recipes", "fkl", "--seed", "2", "--against", "HEAD", "--rounds", "1",
+                          "--out", str(tmp / "runs.md")], cwd=REPO, capture_output=True, text=True, env=_env(),
+                         timeout=600)
+    assert out.returncode == 0, out.stderr
+    row = next(line for line in (tmp / "runs.md").read_text().splitlines() if line.startswith("| fkl "))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert len(cells) == 8 and float(cells[1]) > 0 and float(cells[2]) > 0 and cells[6] == cells[7] == "0"
+    assert "round 1/1: fkl this" in out.stderr and sorted(p.name for p in (tmp / "work" / "runs" / "fkl").iterdir()) == before
+    bad = subprocess.run([sys.executable, "-m", "harness.bench", "runs", "--config", "config/smoke.yaml", "--workdir",
+                          str(tmp / "nowhere"), "--against", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                         env=_env(), timeout=120)
+    assert bad.returncode != 0 and "lacks data" in bad.stderr and "make reproduce" in bad.stderr
+
 @pytest.mark.slow
 def test_a_rerun_after_success_does_nothing(smoke_run):
     _, overrides = smoke_run
