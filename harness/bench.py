@@ -1113,8 +1113,10 @@ def _side(tmp: Path, name: str, tree: Path, work: Path, suite: dict, recipes: li
     return config
 
 
-def _span(values: list, fmt: str = "{:.1f}") -> str:
-    low, high = fmt.format(min(values)), fmt.format(max(values))
+def _span(values: list, fmt: str | None = None) -> str:
+    """``min–max`` of ``values`` (one number when they print the same); seconds with 1 decimal, 3 below 0.1 s."""
+    show = (lambda v: fmt.format(v)) if fmt else (lambda v: f"{v:.1f}" if v >= 0.1 or v == 0 else f"{v:.3f}")
+    low, high = show(min(values)), show(max(values))
     return low if low == high else f"{low}–{high}"
 
 
