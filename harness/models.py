@@ -142,10 +142,10 @@ def counted_logits(model, input_ids: Tensor, attention_mask: Tensor, mask: Tenso
     rows. A model that is not a plain Hugging Face causal LM of :data:`HEAD_ONLY_TYPES` (a DDP/FSDP wrapper,
     an architecture with a soft-capped head, ...) gets the full ``model(...).logits``.
     """
+    if not _head_only(model, input_ids, mask):
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits
     rows = mask > 0
-    counted = counted_rows(model, input_ids, attention_mask, mask)
-    if counted.dim() == 3:  # not a head-only model: the full logits
-        return counted
+    counted = _head_rows(model, input_ids, attention_mask, rows)
     out = counted.new_zeros((*input_ids.shape, counted.shape[-1]))
     out[rows] = counted
     return out
@@ -153,14 +153,24 @@ def counted_logits(model, input_ids: Tensor, attention_mask: Tensor, mask: Tenso
 
 def counted_rows(model, input_ids: Tensor, attention_mask: Tensor, mask: Tensor) -> Tensor:
     """The logits of the counted positions only, ``[N, V]`` in row-major order of ``mask > 0`` (N counted
-    positions), for a model of :data:`HEAD_ONLY_TYPES` (see :func:`counted_logits`); any other model: its full
-    ``model(...).logits`` ``[B, T, V]`` (the caller selects ``[mask > 0]`` itself)."""
+    positions): the head on those rows for a model of :data:`HEAD_ONLY_TYPES` (see :func:`counted_logits`), the
+    full forward's rows for any other model."""
+    rows = mask > 0
+    if not _head_only(model, input_ids, mask):
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[rows]
+    return _head_rows(model, input_ids, attention_mask, rows)
+
+
+def _head_only(model, input_ids: Tensor, mask: Tensor) -> bool:
+    """Whether ``model``'s logits are its output layer applied to its body's hidden states, nothing after."""
     from transformers import PreTrainedModel
 
-    config = getattr(model, "config", None)
-    head = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
-    if (head is None or getattr(config, "model_type", None) not in HEAD_ONLY_TYPES
-            or model.base_model is model or mask.shape != input_ids.shape):
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits
+    if not isinstance(model, PreTrainedModel) or model.get_output_embeddings() is None:
+        return False
+    return (getattr(model.config, "model_type", None) in HEAD_ONLY_TYPES and model.base_model is not model
+            and mask.shape == input_ids.shape)
+
+
+def _head_rows(model, input_ids: Tensor, attention_mask: Tensor, rows: Tensor) -> Tensor:
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask)[0]
-    return head(hidden[mask > 0])
+    return model.get_output_embeddings()(hidden[rows])

@@ -261,7 +261,7 @@ def build_cache(
             mask = batch["loss_mask"] > 0
             logits = counted_rows(teacher, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
             counts.extend(mask.sum(1).tolist())
-            logp = torch.log_softmax((logits[mask] if logits.dim() == 3 else logits).float(), dim=-1)
+            logp = torch.log_softmax(logits.float(), dim=-1)
             if mode == "exact":
                 chunks["logp"].append(logp.to(store).cpu())
             elif mode == "sampled":

@@ -62,8 +62,6 @@ class DistiLLM2Pairs(TeacherSampling):
 
     def __init__(self, ctx, *, anchor_batches: int, sampling: str, **sampling_params):
         super().__init__(ctx, anchor_batches=anchor_batches, sampling=sampling, **sampling_params)
-        if sampling not in ("once", "per_batch"):
-            raise ValueError(f"{self.name}: sampling must be 'once' or 'per_batch', got {sampling!r}")
         self.sampling = sampling
         self.pairs: dict[str, dict[int, dict]] | None = None  # role -> example id -> sampled row ("once")
         self.anchor_batches = int(anchor_batches)
@@ -147,11 +145,13 @@ class DistiLLM2Pairs(TeacherSampling):
     def state_dict(self) -> dict:
         return {**super().state_dict(), "anchor_sums": list(self.anchor_sums),
                 "anchor_counts": list(self.anchor_counts),
-                "pairs": None if self.pairs is None else {role: pack_rows(rows) for role, rows in self.pairs.items()}}
+                "pairs": None if self.pairs is None else {role: pack_rows(list(rows.values()))
+                                                          for role, rows in self.pairs.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.anchor_sums, self.anchor_counts = list(state["anchor_sums"]), list(state["anchor_counts"])
         packed = state.get("pairs")
-        self.pairs = None if packed is None else {role: unpack_rows(rows) for role, rows in packed.items()}
+        self.pairs = None if packed is None else {
+            role: {row["example_id"]: row for row in unpack_rows(rows)} for role, rows in packed.items()}
 

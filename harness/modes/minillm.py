@@ -342,12 +342,7 @@ class MiniLLMSampling(SamplingSource):
         return out
 
     def state_dict(self) -> dict:
-        store = None
-        if self.collection is not None:
-            store = pack_rows(dict(enumerate(self.store)))  # keyed by store position
-            store["prompt_example_ids"] = torch.tensor([r["example_id"] for r in self.store], dtype=torch.long)
-            for key in _PER_TOKEN:
-                store[key] = torch.tensor([x for r in self.store for x in r[key]], dtype=torch.float64)
+        store = None if self.collection is None else pack_rows(self.store, _PER_TOKEN)
         return {**super().state_dict(), "weights": dict(self.weights), "collection": self.collection,
                 "store": store}
 
@@ -355,17 +350,6 @@ class MiniLLMSampling(SamplingSource):
         super().load_state_dict(state)
         self.weights.update(state["weights"])
         self.collection, packed = state.get("collection"), state.get("store")
-        self.store = []
-        if self.collection is None or packed is None:
+        self.store = [] if packed is None else unpack_rows(packed, _PER_TOKEN)
+        if packed is None:
             self.collection = None
-            return
-        rows = unpack_rows(packed)
-        ends = packed["sample_len"].cumsum(0).tolist()
-        flat = {key: packed[key].tolist() for key in _PER_TOKEN}
-        for k in range(len(rows)):
-            row = rows[k]
-            begin = ends[k - 1] if k else 0
-            row["example_id"] = int(packed["prompt_example_ids"][k])
-            for key in _PER_TOKEN:
-                row[key] = flat[key][begin: ends[k]]
-            self.store.append(row)

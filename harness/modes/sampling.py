@@ -86,28 +86,32 @@ def sample_rows(model, prompts: Sequence[Sequence[int]], *, eos_id: int, pad_id:
     return rows
 
 
-def pack_rows(rows: dict[int, dict]) -> dict[str, torch.Tensor]:
-    """Sampled rows by example id -> flat tensors (a checkpoint holds one tensor per field, not a list per row)."""
-    ids = sorted(rows)
-    return {"example_ids": torch.tensor(ids, dtype=torch.long),
-            "tokens": torch.tensor([t for j in ids for t in rows[j]["input_ids"]], dtype=torch.int32),
-            "lengths": torch.tensor([len(rows[j]["input_ids"]) for j in ids], dtype=torch.long),
-            "prompt_len": torch.tensor([rows[j]["prompt_len"] for j in ids], dtype=torch.long),
-            "sample_len": torch.tensor([rows[j]["sample_len"] for j in ids], dtype=torch.long),
-            "ended_with_eos": torch.tensor([rows[j]["ended_with_eos"] for j in ids], dtype=torch.bool)}
+def pack_rows(rows: Sequence[dict], per_token: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+    """Sampled rows (as :func:`sample_rows` returns them, with ``example_id``) -> flat tensors, for a checkpoint:
+    one tensor per field instead of a list per row. Tokens are concatenated (int32); so are the ``per_token``
+    fields (float64, ``sample_len`` values per row, e.g. MiniLLM's log-probabilities); the rest is one value per
+    row. :func:`unpack_rows` inverts it."""
+    out = {"tokens": torch.tensor([t for r in rows for t in r["input_ids"]], dtype=torch.int32),
+           "lengths": torch.tensor([len(r["input_ids"]) for r in rows], dtype=torch.long),
+           "ended_with_eos": torch.tensor([bool(r["ended_with_eos"]) for r in rows], dtype=torch.bool)}
+    for key in ("example_id", "prompt_len", "sample_len"):
+        out[key] = torch.tensor([int(r[key]) for r in rows], dtype=torch.long)
+    for key in per_token:
+        out[key] = torch.tensor([x for r in rows for x in r[key]], dtype=torch.float64)
+    return out
 
 
-def unpack_rows(packed: dict[str, torch.Tensor]) -> dict[int, dict]:
-    """The inverse of :func:`pack_rows`."""
-    tokens = packed["tokens"].tolist()
-    ends = packed["lengths"].cumsum(0).tolist()
-    rows = {}
-    for k, j in enumerate(packed["example_ids"].tolist()):
-        start = ends[k - 1] if k else 0
-        rows[j] = {"input_ids": tokens[start : ends[k]], "prompt_len": int(packed["prompt_len"][k]),
-                   "sample_len": int(packed["sample_len"][k]),
-                   "ended_with_eos": bool(packed["ended_with_eos"][k]), "example_id": j}
-    return rows
+def unpack_rows(packed: dict[str, torch.Tensor], per_token: Sequence[str] = ()) -> list[dict]:
+    """The rows :func:`pack_rows` packed, in their order."""
+    def pieces(flat: torch.Tensor, sizes: torch.Tensor) -> list[list]:
+        return [part.tolist() for part in torch.split(flat, sizes.tolist())]
+
+    tokens = pieces(packed["tokens"], packed["lengths"])
+    fields = {key: pieces(packed[key], packed["sample_len"]) for key in per_token}
+    return [{"input_ids": tokens[k], "prompt_len": int(packed["prompt_len"][k]),
+             "sample_len": int(packed["sample_len"][k]), "ended_with_eos": bool(packed["ended_with_eos"][k]),
+             "example_id": int(packed["example_id"][k]), **{key: fields[key][k] for key in per_token}}
+            for k in range(len(tokens))]
 
 
 class ReplayBuffer:

@@ -24,11 +24,11 @@ detached) otherwise:
     A_t   = (R_t − mean R) / sqrt(var R + 1e-8)   over the micro-batch's sampled positions  (whitening)
     ρ_t   = exp(log q(y_t) − log q_old(y_t)) · w_t                (gradient ρ_t ∇ log q(y_t))
     pg    = mean_t max(−A_t ρ_t, −A_t clip(ρ_t, 1 − ε, 1 + ε))                             (clipped surrogate)
+    reg   = mean_t Σ_v q_v (log q_v − log p_v)            (single-step term: exact per-step reverse KL)
 
 (released ``run_sample``: rewards ``t_rewards + ent_rewards`` = log p − log q_old, scaled and clipped at
 sampling time; ``_pg_loss``: ratio ``exp(logprobs − old_logprobs) · w``.) Without ``old_logprobs`` the ratio is
 w_t in value (the first PPO step on fresh rollouts) and the rewards use the current student.
-    reg   = mean_t Σ_v q_v (log q_v − log p_v)            (single-step term: exact per-step reverse KL)
 
 ``include_current_step = true`` (released) sums R_t from s = t, so r_t enters the long-term reward too; the
 paper's decomposition starts the long-term sum at s = t + 1 (``false``). On the reference rows:
