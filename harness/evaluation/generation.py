@@ -7,7 +7,8 @@ survives), prompt + continuation ≤ 512 tokens; one sample per item per evaluat
 be *reported as greedy* (it is not the protocol's number).
 
 Determinism: the output is a function of (model, tokenizer, prompts, settings, ``seed``,
-``batch_size``). The global torch RNG is forked, so callers' RNG state is left untouched. Prompts are
+``batch_size``). Tokens are drawn by :func:`harness.draw.categorical` from a generator seeded with ``seed`` once
+before the first batch; the global torch RNG is untouched. Prompts are
 processed longest first (less padding) and returned in input order. Greedy outputs do not depend on the
 batching (left padding + attention-mask-derived positions), up to float round-off.
 """
@@ -18,6 +19,8 @@ from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
+
+from ..draw import sampling_processors
 
 EVAL_SEEDS: tuple[int, ...] = (10, 20, 30, 40, 50)
 
@@ -95,7 +98,7 @@ def generate(
             prompts to ``max_prompt_tokens``, giving every item the same budget); always also clamped
             so that the batch's longest prompt + continuation ≤ ``max_length``.
         batch_size: prompts per ``generate`` call (left padding inside a batch).
-        seed: torch seed set once before the first batch (RNG forked: global state untouched).
+        seed: seed of the draws' generator, set once before the first batch (global RNG untouched).
         num_return_sequences: samples per prompt (needs ``do_sample=True`` when > 1).
         progress: show a tqdm bar over batches.
 
@@ -124,46 +127,50 @@ def generate(
     encoded = encode_prompts(tokenizer, prompts, max_prompt_tokens)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # longest first, stable
     device = next(model.parameters()).device
+    # Sampling runs generate() greedy on processors that draw the token (harness.draw: one uniform per row from
+    # `generator`, the global RNG untouched); the sampling settings a checkpoint's generation_config may carry are
+    # neutralised either way. Rows are repeated here for num_return_sequences (what generate would do).
     gen_kwargs = dict(
-        do_sample=do_sample,
-        num_return_sequences=num_return_sequences,
+        do_sample=False,
         no_repeat_ngram_size=no_repeat_ngram_size,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
         use_cache=True,
+        temperature=None,
+        top_p=None,
+        top_k=None,
     )
+    generator = torch.Generator(device=device).manual_seed(int(seed) % (2**63))
     if do_sample:
-        gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
-    else:  # neutralise sampling settings a checkpoint's generation_config may carry
-        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+        from transformers import LogitsProcessorList
+
+        processors = sampling_processors(temperature, top_k, top_p, generator)
+        gen_kwargs["logits_processor"] = LogitsProcessorList(processors)
 
     results: list[list[str]] = [[] for _ in prompts]
     was_training = model.training
     model.eval()
-    fork_devices = [device] if device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=fork_devices):
-            torch.manual_seed(seed)
-            starts = range(0, len(order), batch_size)
-            for start in tqdm(starts, desc="generate", disable=not progress, leave=False):
-                idx = order[start : start + batch_size]
-                input_ids, attention_mask = _left_pad([encoded[i] for i in idx], pad_id)
-                width = input_ids.shape[1]
-                new_tokens = min(budget, total_cap - width)
-                if new_tokens < 1:
-                    for i in idx:
-                        results[i] = [""] * num_return_sequences
-                    continue
-                out = model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention_mask.to(device),
-                    max_new_tokens=new_tokens,
-                    **gen_kwargs,
-                )
-                texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-                for row, i in enumerate(idx):
-                    chunk = texts[row * num_return_sequences : (row + 1) * num_return_sequences]
-                    results[i] = [t.strip() for t in chunk]
+        starts = range(0, len(order), batch_size)
+        for start in tqdm(starts, desc="generate", disable=not progress, leave=False):
+            idx = order[start : start + batch_size]
+            input_ids, attention_mask = _left_pad([encoded[i] for i in idx], pad_id)
+            width = input_ids.shape[1]
+            new_tokens = min(budget, total_cap - width)
+            if new_tokens < 1:
+                for i in idx:
+                    results[i] = [""] * num_return_sequences
+                continue
+            out = model.generate(
+                input_ids=input_ids.repeat_interleave(num_return_sequences, 0).to(device),
+                attention_mask=attention_mask.repeat_interleave(num_return_sequences, 0).to(device),
+                max_new_tokens=new_tokens,
+                **gen_kwargs,
+            )
+            texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+            for row, i in enumerate(idx):
+                chunk = texts[row * num_return_sequences : (row + 1) * num_return_sequences]
+                results[i] = [t.strip() for t in chunk]
     finally:
         model.train(was_training)
     return results

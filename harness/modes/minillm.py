@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 
 from ..data.batching import collate
+from ..draw import categorical
 from ..schema import ConfigError, Field
 from .base import STREAM_GENERATE, ModeContext, draw_rng, require, torch_seed
 from .registry import register_mode
@@ -62,12 +63,13 @@ def mixed_sample_rows(student, teacher, prompts: Sequence[Sequence[int]], *, mix
     Prompts are left-padded (position ids from the attention mask, for the models whose ``forward`` takes them);
     the token budget and the prompt truncation are those of :func:`harness.modes.sampling.sample_rows` (the
     context is the smaller of the two models'). Both models run in eval mode under ``no_grad`` (their modes are
-    restored); the draw uses a ``torch.Generator`` seeded with ``seed`` (the global RNG is untouched). Each row is
-    ``prompt + sample cut after its first eos`` with ``prompt_len``, ``sample_len``, ``ended_with_eos`` and, per
-    sampled token (length ``sample_len``): ``student_logprobs`` (log q(y_t)), ``teacher_logprobs`` (log p(y_t))
-    and ``mix_weight`` = ``q(y_t) / ((1 − α) q(y_t) + α p(y_t))``, MiniLLM's importance weight of the token.
-    A vocabulary narrower than the other model's is padded with zero-probability columns. ``timings``: a dict
-    whose ``student_s`` / ``teacher_s`` get the seconds of each model's forwards added (synchronised on CUDA).
+    restored); the draw (:func:`harness.draw.categorical`) uses a ``torch.Generator`` seeded with ``seed`` (the
+    global RNG is untouched). Each row is ``prompt + sample cut after its first eos`` with ``prompt_len``,
+    ``sample_len``, ``ended_with_eos`` and, per sampled token (length ``sample_len``): ``student_logprobs``
+    (log q(y_t)), ``teacher_logprobs`` (log p(y_t)) and ``mix_weight`` = ``q(y_t) / ((1 − α) q(y_t) + α p(y_t))``,
+    MiniLLM's importance weight of the token. A vocabulary narrower than the other model's is padded with
+    zero-probability columns. ``timings``: a dict whose ``student_s`` / ``teacher_s`` get the seconds of each
+    model's forwards added (synchronised on CUDA).
     """
     if not prompts:
         raise ValueError("mixed_sample_rows needs at least one prompt")
@@ -132,7 +134,7 @@ def mixed_sample_rows(student, teacher, prompts: Sequence[Sequence[int]], *, mix
                 log_q, log_p = (torch.nn.functional.pad(x, (0, width_v - x.shape[-1]), value=float("-inf"))
                                 for x in (log_q, log_p))
                 mix = (1.0 - mix_alpha) * log_q.exp() + mix_alpha * log_p.exp()
-                tok = torch.multinomial(mix, 1, generator=generator).squeeze(-1)
+                tok = categorical(mix, generator)
                 tok = torch.where(finished, torch.full_like(tok, pad_id), tok)
                 tokens.append(tok)
                 log_q_tok.append(log_q.gather(-1, tok[:, None]).squeeze(-1))

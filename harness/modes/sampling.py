@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..data.batching import collate
+from ..draw import sampling_processors
 from ..schema import Field
 from .base import STREAM_GENERATE, BatchSource, ModeContext, torch_seed
 
@@ -33,12 +34,13 @@ def sample_rows(model, prompts: Sequence[Sequence[int]], *, eos_id: int, pad_id:
     so at least one token is sampled; ``max_length`` is capped by the model's context). Sampling is multinomial
     with ``temperature``, ``top_k`` (0 = off) and ``top_p`` (1 = off) and nothing else: the generation config is
     built here, so defaults shipped in the model's ``generation_config`` (repetition penalty, n-gram blocking, its
-    own top-p, ...) do not leak in. Each row is ``prompt + sample cut after its first eos`` with
+    own top-p, ...) do not leak in. Tokens are drawn by :func:`harness.draw.categorical` (one uniform per row,
+    from a generator seeded with ``seed``; the global RNG is untouched) through ``generate`` run greedy on
+    :func:`harness.draw.sampling_processors`. Each row is ``prompt + sample cut after its first eos`` with
     ``prompt_len = len(prompt)``, ``sample_len`` and ``ended_with_eos``. The model is put in eval mode for the
-    call (no dropout; DistiLLM's ``SampleGenerator`` does the same) and its mode restored; the global RNG is forked
-    (``seed`` drives the sampling).
+    call (no dropout; DistiLLM's ``SampleGenerator`` does the same) and its mode restored.
     """
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, LogitsProcessorList
 
     if not prompts:
         raise ValueError("sample_rows needs at least one prompt")
@@ -59,20 +61,19 @@ def sample_rows(model, prompts: Sequence[Sequence[int]], *, eos_id: int, pad_id:
     for b, p in enumerate(prompts):
         input_ids[b, width - len(p):] = torch.tensor(p, dtype=torch.long)
         attention_mask[b, width - len(p):] = 1
-    generation = GenerationConfig(
-        do_sample=True, num_beams=1, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-        max_new_tokens=budget, eos_token_id=eos_id, pad_token_id=pad_id, use_cache=True,
-    )
+    generation = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=budget, eos_token_id=eos_id,
+                                  pad_token_id=pad_id, use_cache=True)
     device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(int(seed) % (2**63))
+    processors = LogitsProcessorList(sampling_processors(temperature, top_k, top_p, generator))
     was_training, shipped = model.training, getattr(model, "generation_config", None)
     model.eval()
     # generate() fills every field we leave unset from model.generation_config: swap in the library defaults
     model.generation_config = GenerationConfig()
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
+        with torch.no_grad():
             out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                 generation_config=generation)
+                                 generation_config=generation, logits_processor=processors)
     finally:
         model.train(was_training)
         model.generation_config = shipped
