@@ -8,6 +8,7 @@ import os
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -590,6 +591,31 @@ def test_collate_edge_cases():
         collate([{"input_ids": [5], "prompt_len": 3}], 0)
     with pytest.raises(ValueError):
         collate([], 0)
+
+
+def test_collate_equals_a_per_row_reference_on_random_batches():
+    """The vectorised collate against the convention written row by row in plain Python."""
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        ex = []
+        for _ in range(int(rng.integers(1, 9))):
+            n = int(rng.integers(1, 12))
+            ex.append({"input_ids": rng.integers(3, 50, n).tolist(), "prompt_len": int(rng.integers(0, n + 1))})
+        b = collate(ex, pad_id=1)
+        T = max(len(e["input_ids"]) for e in ex)
+        for row, e in enumerate(ex):
+            ids, p, n = e["input_ids"], e["prompt_len"], len(e["input_ids"])
+            assert b["input_ids"][row].tolist() == ids + [1] * (T - n)
+            assert b["attention_mask"][row].tolist() == [1] * n + [0] * (T - n)
+            want = [ids[t + 1] if t + 1 < n and t + 1 >= max(p, 1) else -100 for t in range(T)]
+            assert b["labels"][row].tolist() == want
+        assert b["prompt_len"].tolist() == [e["prompt_len"] for e in ex]
+        assert b["lengths"].tolist() == [len(e["input_ids"]) for e in ex]
+        assert b["input_ids"].dtype == b["labels"].dtype == b["attention_mask"].dtype == torch.long
+    with pytest.raises(ValueError, match="example 1: prompt_len 4 outside 0..2"):
+        collate([{"input_ids": [5, 6], "prompt_len": 1}, {"input_ids": [5, 6], "prompt_len": 4}], 0)
+    with pytest.raises(ValueError, match="at least one token"):
+        collate([{"input_ids": [], "prompt_len": 0}], 0)
 
 
 def test_collate_with_real_tokenizer_and_ce(tiny_data, tiny_tok):

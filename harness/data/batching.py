@@ -75,32 +75,38 @@ def collate(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """
     if not examples:
         raise ValueError("collate needs at least one example")
-    lengths = [len(e["input_ids"]) for e in examples]
-    if min(lengths) < 1:
+    lengths = np.array([len(e["input_ids"]) for e in examples], dtype=np.int64)
+    if lengths.min() < 1:
         raise ValueError("every example needs at least one token")
-    B, T = len(examples), max(lengths)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((B, T), dtype=torch.long)
-    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
-    prompt_len = torch.empty(B, dtype=torch.long)
-    for b, (e, n) in enumerate(zip(examples, lengths)):
-        ids = torch.as_tensor(e["input_ids"], dtype=torch.long)
-        p = int(e["prompt_len"])
-        if not 0 <= p <= n:
-            raise ValueError(f"example {b}: prompt_len {p} outside 0..{n}")
-        input_ids[b, :n] = ids
-        attention_mask[b, :n] = 1
-        # target of position t is token t+1, kept when t+1 >= p (a response token)
-        start = max(p - 1, 0)
-        labels[b, start : n - 1] = ids[start + 1 : n]
-        prompt_len[b] = p
+    prompt = np.array([int(e["prompt_len"]) for e in examples], dtype=np.int64)
+    bad = np.nonzero((prompt < 0) | (prompt > lengths))[0]
+    if bad.size:
+        b = int(bad[0])
+        raise ValueError(f"example {b}: prompt_len {int(prompt[b])} outside 0..{int(lengths[b])}")
+    # One vectorised pass (a per-row loop of tensor assignments cost ~1 ms per 32-row batch, 7% of a tiny step):
+    # the row-major order of `real` is each row's tokens in turn, so the concatenated ids fill it exactly.
+    B, T = len(examples), int(lengths.max())
+    t = np.arange(T)
+    real = t[None, :] < lengths[:, None]
+    ids = np.full((B, T), pad_id, dtype=np.int64)
+    ids[real] = np.fromiter((tok for e in examples for tok in e["input_ids"]), dtype=np.int64,
+                            count=int(lengths.sum()))
+    # target of position t is token t+1, kept when t+1 >= p (a response token) and t+1 < n (a real token)
+    start = np.maximum(prompt - 1, 0)
+    kept = (t[None, :-1] >= start[:, None]) & (t[None, :-1] < lengths[:, None] - 1)
+    labels = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
+    labels[:, :-1] = np.where(kept, ids[:, 1:], IGNORE_INDEX)
+    input_ids = torch.from_numpy(ids)
+    attention_mask = torch.from_numpy(real.astype(np.int64))
+    labels = torch.from_numpy(labels)
+    prompt_len = torch.from_numpy(prompt)
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
         "loss_mask": (labels != IGNORE_INDEX).float(),
         "prompt_len": prompt_len,
-        "lengths": torch.as_tensor(lengths, dtype=torch.long),
+        "lengths": torch.from_numpy(lengths),
     }
 
 
