@@ -256,11 +256,15 @@ def init_student(suite: Suite, seed: int, progress: bool = True) -> Path:
 
 
 def live_teacher(teacher):
-    from .models import counted_logits
+    """The teacher function of :func:`harness.distill.train`: ``f(batch)`` the teacher's logits [B, T, V] (0 outside
+    the loss mask), ``f.rows(batch)`` those of the counted positions only, [N, V] (:func:`harness.models.counted_rows`)."""
+    from .models import counted_logits, counted_rows
 
     def teacher_logits(batch: dict) -> torch.Tensor:
         return counted_logits(teacher, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
 
+    teacher_logits.rows = lambda batch: counted_rows(teacher, batch["input_ids"], batch["attention_mask"],
+                                                     batch["loss_mask"])
     return teacher_logits
 
 

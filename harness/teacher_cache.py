@@ -89,20 +89,28 @@ class TeacherCache:
         dense.scatter_(1, self.top_idx[idx].long(), self.top_logp[idx].float())
         return dense
 
-    def teacher_logits(self, batch: dict) -> Tensor:
-        """``[B, T, V]`` teacher log-probabilities for a reference batch (rows outside the loss mask are 0).
+    def teacher_rows(self, batch: dict) -> Tensor:
+        """``[N, V]`` float32 teacher log-probabilities of a reference batch's N counted positions
+        (``loss_mask > 0``), in row-major order of the mask: row b's positions in order, rows in batch order.
 
-        The batch must carry ``example_ids`` (set by :func:`harness.steps.reference_batches`).
+        The batch must carry ``example_ids`` (set by :func:`harness.steps.reference_batches`); example b's
+        cached positions must be exactly row b's counted ones (else ``ValueError``: rebuild the cache).
         """
         mask = batch["loss_mask"] > 0
-        out = torch.zeros((*mask.shape, self.vocab_size), dtype=torch.float32, device=mask.device)
-        rows = self.rows(batch["example_ids"].cpu())
+        rows = self.rows(torch.as_tensor(batch["example_ids"]).cpu())
         if rows.shape[0] != int(mask.sum()):
             raise ValueError(
                 f"teacher cache has {rows.shape[0]} positions for this batch but the batch counts "
                 f"{int(mask.sum())}; the cache was built with other max_length/max_prompt_tokens — rebuild it"
             )
-        out[mask] = rows.to(out.device)
+        return rows.to(mask.device)
+
+    def teacher_logits(self, batch: dict) -> Tensor:
+        """``[B, T, V]`` teacher log-probabilities for a reference batch: :meth:`teacher_rows` scattered to the
+        counted positions, 0 outside the loss mask."""
+        mask = batch["loss_mask"] > 0
+        out = torch.zeros((*mask.shape, self.vocab_size), dtype=torch.float32, device=mask.device)
+        out[mask] = self.teacher_rows(batch)
         return out
 
     def save(self, path: Path) -> None:
@@ -288,27 +296,69 @@ def cached_or_live(cache: TeacherCache, live: Callable[[dict], Tensor] | None) -
     A mixed micro-batch (sampled rows and reference rows, e.g. MiniLLM's) may name its reference rows:
     ``cached_rows`` [n] (row indices) and ``cached_example_ids`` [n] (their examples); those rows — the reference
     encoding of their examples, token for token — are read from the cache and only the others go through the
-    live teacher. The result is ``[B, T, V]`` either way (cached rows: log-probabilities, 0 outside the mask).
+    live teacher (``live``: a teacher function of :func:`harness.steps.live_teacher`'s form).
+
+    The returned function gives ``[B, T, V]`` (cached rows: log-probabilities, 0 outside the mask; live rows:
+    logits); its ``.rows(batch)`` gives the same values at the counted positions only, ``[N, V]`` in row-major
+    order of ``loss_mask > 0``, without building ``[B, T, V]`` (:func:`harness.distill.train` reads that form).
+    The live teacher's rows come from ``live.rows`` where it has one, else from ``live(batch)[mask > 0]``.
     """
 
-    def teacher_logits(batch: dict) -> Tensor:
+    def live_rows(batch: dict) -> Tensor:
+        rows_fn = getattr(live, "rows", None)
+        return rows_fn(batch) if rows_fn is not None else live(batch)[batch["loss_mask"] > 0]
+
+    def route(batch: dict):
+        """``"cache"``, ``"live"``, or for a mixed batch (cached row indices [n], the other rows' mask [B])."""
         if batch.get("source", "reference") == "reference" and "example_ids" in batch:
-            return cache.teacher_logits(batch)
+            return "cache"
         if live is None:
             raise RuntimeError("a batch of student samples needs the live teacher, which was not loaded")
         rows = batch.get("cached_rows")
         if rows is None or len(rows) == 0:
-            return live(batch)
+            return "live"
         rows = torch.as_tensor(rows, dtype=torch.long, device=batch["input_ids"].device)
         others = torch.ones(batch["input_ids"].shape[0], dtype=torch.bool, device=rows.device)
         others[rows] = False
-        sub = {k: batch[k][others] for k in ("input_ids", "attention_mask", "loss_mask")}
-        live_part = live(sub)
-        out = live_part.new_zeros((batch["input_ids"].shape[0], *live_part.shape[1:]))
-        out[others] = live_part
-        cached = cache.teacher_logits({"loss_mask": batch["loss_mask"][rows],
-                                       "example_ids": torch.as_tensor(batch["cached_example_ids"])})
+        return rows, others
+
+    def cached_part(batch: dict, rows: Tensor) -> dict:
+        return {"loss_mask": batch["loss_mask"][rows], "example_ids": torch.as_tensor(batch["cached_example_ids"])}
+
+    def live_part(batch: dict, others: Tensor) -> dict:
+        return {k: batch[k][others] for k in ("input_ids", "attention_mask", "loss_mask")}
+
+    def teacher_logits(batch: dict) -> Tensor:
+        how = route(batch)
+        if how == "cache":
+            return cache.teacher_logits(batch)
+        if how == "live":
+            return live(batch)
+        rows, others = how
+        live_out = live(live_part(batch, others))
+        out = live_out.new_zeros((batch["input_ids"].shape[0], *live_out.shape[1:]))
+        out[others] = live_out
+        cached = cache.teacher_logits(cached_part(batch, rows))
         out[rows] = cached.to(out.dtype)[..., : out.shape[-1]]
         return out
 
+    def teacher_rows(batch: dict) -> Tensor:
+        how = route(batch)
+        if how == "cache":
+            return cache.teacher_rows(batch)
+        if how == "live":
+            return live_rows(batch)
+        rows, others = how
+        counts = (batch["loss_mask"] > 0).sum(1).tolist()
+        live_out = live_rows(live_part(batch, others))
+        cached = cache.teacher_rows(cached_part(batch, rows)).to(live_out.dtype)[:, : live_out.shape[-1]]
+        # each batch row's block of counted positions, the blocks in batch order: row-major order of the mask
+        blocks: list[Tensor | None] = [None] * len(counts)
+        live_ids, cached_ids = torch.nonzero(others).flatten().tolist(), rows.tolist()
+        for ids, out in ((live_ids, live_out), (cached_ids, cached)):
+            for b, block in zip(ids, out.split([counts[b] for b in ids])):
+                blocks[b] = block
+        return torch.cat(blocks)
+
+    teacher_logits.rows = teacher_rows
     return teacher_logits
