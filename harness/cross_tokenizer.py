@@ -159,6 +159,9 @@ class CrossTokenizerLoss:
     ``Σ mask / normalizer`` of the step's counted tokens.
     """
 
+    #: ULD across tokenizers pairs each sequence's student and teacher positions: the loss needs [B, T_s, V_s]
+    rowwise = False
+
     def __init__(self, inner, alignment: str = "index"):
         if alignment not in ("index", "text"):
             raise ValueError(f"alignment {alignment!r}; accepted: index, text")

@@ -34,11 +34,15 @@ from tqdm.auto import tqdm
 
 from . import objectives
 from .data.batching import epoch_order
-from .models import align_vocab, counted_logits
+from .models import align_vocab, counted_logits, counted_rows
 from .parallel import world as parallel_world
 from .train_config import TrainConfig  # noqa: F401  (re-exported: harness.distill.TrainConfig)
 
 log = logging.getLogger(__name__)
+
+
+#: compute rowwise losses on the counted rows [N, V] (False: on [B, T, V] as sequence-level losses are; for tests)
+_ROWS = True
 
 
 class TrainingFailed(RuntimeError):
@@ -199,6 +203,15 @@ def train(
     ``next_batch(i)`` gives the i-th micro-batch (a dict of ``input_ids``, ``attention_mask``, ``labels``,
     ``loss_mask`` [B, T], see :mod:`harness.data.batching`); ``teacher_logits(batch)`` gives the teacher's
     logits ``[B, T, V]`` for it (a live forward or the teacher cache), or is ``None`` for pure SFT.
+    ``teacher_logits.rows(batch)``, where the function has it (:func:`harness.steps.live_teacher`,
+    :func:`harness.teacher_cache.cached_or_live`), gives the counted positions' rows only, ``[N, V]`` in row-major
+    order of ``loss_mask > 0``; without it they are ``teacher_logits(batch)[loss_mask > 0]``.
+
+    A loss without sequence-level terms (``loss.rowwise``) is computed on the counted rows alone: student
+    :func:`~harness.models.counted_rows` [N, V], the teacher's rows [N, V], ``labels[loss_mask > 0]`` [N] and an
+    all-ones [N] mask; the same value as on ``[B, T, V]`` (no such term reads another position), without
+    building, filling and reading back two ``[B, T, V]`` tensors. Sequence-level terms (and cross-tokenizer
+    losses) get ``[B, T, V]`` (:func:`~harness.models.counted_logits`, 0 outside the mask) and the batch.
     ``state_path``: where resumable checkpoints go. An existing one is resumed (model, optimizer, schedule,
     RNG and data position) only when it was written under the same ``fingerprint`` (the hash of every input of
     the run); otherwise it is discarded and training starts from the beginning.
@@ -219,6 +232,10 @@ def train(
     if uses_teacher and teacher_logits is None:
         raise ValueError(f"{name}: the loss {loss!r} needs a teacher")
     chunk = cfg.chunk_size
+    rowwise = _ROWS and getattr(loss, "rowwise", False)
+    teacher_rows = None
+    if uses_teacher and rowwise:
+        teacher_rows = getattr(teacher_logits, "rows", None) or (lambda b: teacher_logits(b)[b["loss_mask"] > 0])
 
     seed_everything(seed)
     group = parallel_world(device)  # one process unless started by `accelerate launch`
@@ -279,13 +296,18 @@ def train(
         step_loss = 0.0
         step_parts: dict[str, float] = defaultdict(float)
         for batch in micro:
-            mask = batch["loss_mask"]
+            mask, labels = batch["loss_mask"], batch["labels"]
             t_logits = None
             if uses_teacher:
                 with timed(timings, "teacher_forward_s", device), torch.no_grad():
-                    t_logits = teacher_logits(batch)
+                    t_logits = teacher_rows(batch) if rowwise else teacher_logits(batch)
             with timed(timings, "student_forward_s", device):
-                s_logits = counted_logits(model, batch["input_ids"], batch["attention_mask"], mask)
+                if rowwise:  # [N, V], [N]: the counted positions in row-major order
+                    s_logits = counted_rows(model, batch["input_ids"], batch["attention_mask"], mask)
+                    labels = labels[mask > 0]
+                    mask = mask.new_ones(s_logits.shape[0])
+                else:
+                    s_logits = counted_logits(model, batch["input_ids"], batch["attention_mask"], mask)
             with timed(timings, "loss_s", device):
                 norm = max(n_tokens, 1.0) / group.size  # DDP averages gradients over the N processes
                 s_al, t_al = align_vocab(s_logits, t_logits) if t_logits is not None else (s_logits, None)
@@ -294,7 +316,7 @@ def train(
                     log.info("%s: aligned vocabularies: student %d vs teacher %d logit columns; the %d padded "
                              "columns are masked as -inf on both sides", name, s_logits.shape[-1],
                              t_logits.shape[-1], abs(s_logits.shape[-1] - t_logits.shape[-1]))
-                value, parts = loss(s_al, t_al, mask, labels=batch["labels"], normalizer=norm, chunk_size=chunk,
+                value, parts = loss(s_al, t_al, mask, labels=labels, normalizer=norm, chunk_size=chunk,
                                     kernel=cfg.kernel, batch=batch)
             if not torch.isfinite(value):
                 raise TrainingDiverged(

@@ -10,6 +10,9 @@ Shapes and conventions (per micro-batch)
 ----------------------------------------
 - ``student_logits``, ``teacher_logits``: ``[B, T, V]`` (the teacher's may be ``None`` when no term needs
   it); ``mask``: ``[B, T]`` response positions; ``labels``: ``[B, T]`` long, ``-100`` where ignored.
+  A loss without sequence-level terms (:attr:`WeightedLoss.rowwise`) also takes the counted rows alone:
+  logits ``[N, V]``, ``mask`` and ``labels`` ``[N]`` (what :func:`harness.distill.train` passes: the rows of
+  ``mask > 0`` in row-major order, an all-ones mask), with the same value as on the ``[B, T, V]`` form.
 - ``batch``: the micro-batch dict (``harness.distill.train`` passes it); only sequence-level terms (kind
   ``"sequence"``, :mod:`harness.objectives.sequence`) read it, as
   ``fn(student_logits, teacher_logits, batch, normalizer=, temperature=, **params)``.
@@ -72,6 +75,13 @@ class WeightedLoss:
     @property
     def needs_teacher(self) -> bool:
         return any(t.needs_teacher for t in self.terms)
+
+    @property
+    def rowwise(self) -> bool:
+        """Whether the loss may be called on counted rows ``[N, V]`` with an ``[N]`` mask: no term is sequence-level
+        (those read ``[B, T, V]`` and the batch's per-row fields); per-position, batch-wise and label terms see only
+        the counted rows, in the same order, and the same count ``Σ mask > 0``."""
+        return all(t.objective.spec.kind != "sequence" for t in self.terms)
 
     def __repr__(self) -> str:
         return " + ".join(f"{t.weight:g}·{t.objective.name}(τ={t.temperature:g})" for t in self.terms)
