@@ -77,8 +77,12 @@ class TeacherCache:
         ``sampled``: ``τ_c · log p̂`` (``-inf`` for tokens never drawn), so that the objectives' own
         ``log_softmax(rows / τ)`` at τ = τ_c gives ``log p̂``, the empirical distribution of the draws.
         """
-        idx = torch.cat([torch.arange(int(self.offsets[e]), int(self.offsets[e] + self.counts[e]))
-                         for e in example_ids.tolist()]) if len(example_ids) else torch.zeros(0, dtype=torch.long)
+        ids = torch.as_tensor(example_ids, dtype=torch.long)
+        counts = self.counts[ids]
+        # example e's rows offsets[e] .. offsets[e] + counts[e] - 1, the examples one after another (one pass: a
+        # per-example arange cost ~0.4 ms per 32-example batch)
+        starts = torch.repeat_interleave(self.offsets[ids] - (torch.cumsum(counts, 0) - counts), counts)
+        idx = starts + torch.arange(int(counts.sum()))
         if self.mode == "exact":
             return self.logp[idx].float()
         if self.mode == "sampled":

@@ -348,3 +348,14 @@ def test_each_mode_refuses_the_objectives_it_cannot_serve(mode, objective, tau, 
 
     got, reason = supported(mode, objective, tau, {"temperature": 1.0})
     assert got is ok and why in reason
+
+
+def test_rows_gathers_each_examples_positions_in_the_order_asked():
+    """rows(ids): example e's positions offsets[e] .. offsets[e] + counts[e] - 1, examples in the order given
+    (repeats and examples without positions included), against a per-example Python loop."""
+    counts = torch.tensor([3, 0, 2, 5, 1])
+    offsets = torch.cumsum(counts, 0) - counts
+    cache = TeacherCache("exact", 4, offsets, counts, logp=torch.arange(44.0).reshape(11, 4).half())
+    for ids in ([0, 1, 2, 3, 4], [4, 2, 0], [1], [], [3, 3]):
+        got = (cache.rows(torch.tensor(ids, dtype=torch.long))[:, 0] / 4).long().tolist()
+        assert got == [r for e in ids for r in range(int(offsets[e]), int(offsets[e] + counts[e]))]
