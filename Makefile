@@ -4,6 +4,7 @@
 #   make test        # set up, then run the test suite
 # and the deliberate one:
 #   make publish     # copy work/<suite>/leaderboard into results/<suite> and regenerate the README's table
+# constraints.txt pins every other library to the versions the published results were made with.
 # TORCH_SPEC pins torch first, so pip takes the local CPU wheel where one exists instead of a multi-GB
 # CUDA build; on a GPU machine the same pin installs the CUDA build from PyPI.
 PYTHON ?= python3
@@ -18,10 +19,10 @@ BIN := $(VENV)/bin
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: $(BIN)/activate pyproject.toml
+$(VENV)/.installed: $(BIN)/activate pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[test,trl]"
+	$(BIN)/python -m pip install -q -e ".[test,trl]" -c constraints.txt
 	touch $@
 
 setup: $(VENV)/.installed
