@@ -171,6 +171,26 @@ def _head_only(model, input_ids: Tensor, mask: Tensor) -> bool:
             and mask.shape == input_ids.shape)
 
 
+def body(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """The last hidden states ``[B, T, H]`` of a causal LM of :data:`HEAD_ONLY_TYPES` (before its head):
+    :func:`harness.gpt2_fast.hidden_states` for a plain GPT-2 (same values, without the library's per-call
+    overhead), ``model.base_model(...)[0]`` for any other."""
+    from . import gpt2_fast
+
+    if gpt2_fast.eligible(model):
+        return gpt2_fast.hidden_states(model, input_ids, attention_mask)
+    return model.base_model(input_ids=input_ids, attention_mask=attention_mask)[0]
+
+
+def full_logits(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """``model(input_ids=..., attention_mask=...).logits`` ``[B, T, V]``; a plain GPT-2 through
+    :func:`harness.gpt2_fast.hidden_states` (equal up to round-off)."""
+    from . import gpt2_fast
+
+    if gpt2_fast.eligible(model):
+        return model.lm_head(gpt2_fast.hidden_states(model, input_ids, attention_mask))
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
 def _head_rows(model, input_ids: Tensor, attention_mask: Tensor, rows: Tensor) -> Tensor:
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask)[0]
-    return model.get_output_embeddings()(hidden[rows])
+    return model.get_output_embeddings()(body(model, input_ids, attention_mask)[rows])

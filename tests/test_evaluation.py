@@ -485,16 +485,26 @@ def test_generate_sampling_is_seeded_and_leaves_rng_alone(tokenizer, random_mode
     assert generate(random_model, tokenizer, [], progress=False) == []
 
 
-def test_generate_respects_length_limits(tokenizer, random_model, monkeypatch):
+@pytest.mark.parametrize("fast", ["1", "0"])  # harness.gpt2_fast's decoding, and the library's generate()
+def test_generate_respects_length_limits(tokenizer, random_model, monkeypatch, fast):
+    from harness import gpt2_fast
+
+    monkeypatch.setenv("DISTILLBENCH_GPT2_FAST", fast)
     calls = []
-    original = random_model.generate
+    original, original_decode = random_model.generate, gpt2_fast.decode
 
     def spy(**kwargs):
         out = original(**kwargs)
         calls.append((kwargs["input_ids"].shape[1], out.shape[1], kwargs["attention_mask"]))
         return out
 
+    def spy_decode(model, input_ids, attention_mask, **kwargs):
+        out = original_decode(model, input_ids, attention_mask, **kwargs)
+        calls.append((input_ids.shape[1], out.shape[1], attention_mask))
+        return out
+
     monkeypatch.setattr(random_model, "generate", spy)
+    monkeypatch.setattr(gpt2_fast, "decode", spy_decode)
     generate(random_model, tokenizer, PROMPTS, max_prompt_tokens=8, max_length=14, batch_size=2, progress=False)
     assert calls
     for width, total, mask in calls:

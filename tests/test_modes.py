@@ -339,17 +339,24 @@ def test_sgo_threshold_schedules():
         sgo_threshold(0.5, 1, 10, "random")
 
 
-def test_sample_rows_respects_max_length_and_restores_mode(tiny):
+def test_sample_rows_respects_max_length_and_restores_mode(tiny, monkeypatch):
+    from harness import gpt2_fast
+
     student = make_student(tiny).train()
     prompts = [e["input_ids"][: e["prompt_len"]] for e in tiny["examples"][:4]]
     modes = []
-    orig = student.generate
+    orig, orig_decode = student.generate, gpt2_fast.decode
 
     def spy(*a, **kw):
         modes.append(student.training)
         return orig(*a, **kw)
 
+    def spy_decode(*a, **kw):  # the plain-GPT-2 path (harness.gpt2_fast) decodes without generate()
+        modes.append(student.training)
+        return orig_decode(*a, **kw)
+
     student.generate = spy
+    monkeypatch.setattr(gpt2_fast, "decode", spy_decode)
     before = torch.get_rng_state()
     limit = max(len(p) for p in prompts) + 3
     rows = sample_rows(student, prompts, eos_id=tiny["tok"].eos_token_id, pad_id=tiny["tok"].pad_token_id,

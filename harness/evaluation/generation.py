@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .. import gpt2_fast
 from ..draw import sampling_processors
 
 EVAL_SEEDS: tuple[int, ...] = (10, 20, 30, 40, 50)
@@ -141,11 +142,17 @@ def generate(
         top_k=None,
     )
     generator = torch.Generator(device=device).manual_seed(int(seed) % (2**63))
-    if do_sample:
+    processors = sampling_processors(temperature, top_k, top_p, generator) if do_sample else []
+    if processors:
         from transformers import LogitsProcessorList
 
-        processors = sampling_processors(temperature, top_k, top_p, generator)
         gen_kwargs["logits_processor"] = LogitsProcessorList(processors)
+    fast = gpt2_fast.eligible(model) and gpt2_fast.plain_generation_config(model)
+    if fast:  # generate()'s own processors come first: n-gram blocking, then the caller's (the draw last)
+        from transformers import NoRepeatNGramLogitsProcessor
+
+        ngram = [NoRepeatNGramLogitsProcessor(no_repeat_ngram_size)] if no_repeat_ngram_size else []
+        processors = ngram + processors
 
     results: list[list[str]] = [[] for _ in prompts]
     was_training = model.training
@@ -161,12 +168,14 @@ def generate(
                 for i in idx:
                     results[i] = [""] * num_return_sequences
                 continue
-            out = model.generate(
-                input_ids=input_ids.repeat_interleave(num_return_sequences, 0).to(device),
-                attention_mask=attention_mask.repeat_interleave(num_return_sequences, 0).to(device),
-                max_new_tokens=new_tokens,
-                **gen_kwargs,
-            )
+            input_ids = input_ids.repeat_interleave(num_return_sequences, 0).to(device)
+            attention_mask = attention_mask.repeat_interleave(num_return_sequences, 0).to(device)
+            if fast:  # harness.gpt2_fast: generate()'s decoding without its per-step overhead
+                out = gpt2_fast.decode(model, input_ids, attention_mask, max_new_tokens=new_tokens, eos_id=eos_id,
+                                       pad_id=pad_id, processors=processors)
+            else:
+                out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens,
+                                     **gen_kwargs)
             texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
             for row, i in enumerate(idx):
                 chunk = texts[row * num_return_sequences : (row + 1) * num_return_sequences]

@@ -14,6 +14,7 @@ import math
 import torch
 
 from ..data.batching import collate
+from ..models import full_logits
 from ..schema import Field
 from ..objectives.sequence import sentence_probs
 from ..objectives.wrapper import log_probs
@@ -85,7 +86,7 @@ class DistiLLM2Pairs(TeacherSampling):
             model.eval()
             try:
                 with torch.no_grad():
-                    logits = model(**inputs).logits
+                    logits = full_logits(model, inputs["input_ids"], inputs["attention_mask"])
             finally:
                 model.train(was)
             gaps.append(sentence_probs(log_probs(logits, 1.0), batch["labels"].to(device),

@@ -7,6 +7,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..data.batching import IGNORE_INDEX, collate, encode
+from ..models import full_logits
 
 REDUCTIONS = ("batch_mean", "token_mean")
 
@@ -41,8 +42,8 @@ def validation_loss(student, tokenizer, items: Sequence[dict], *, pad_id: int, m
         try:
             with torch.no_grad():
                 for b in batches:
-                    logits = student(input_ids=b["input_ids"].to(device),
-                                     attention_mask=b["attention_mask"].to(device)).logits.float()
+                    logits = full_logits(student, b["input_ids"].to(device),
+                                         b["attention_mask"].to(device)).float()
                     sums.append(float(torch.nn.functional.cross_entropy(
                         logits.reshape(-1, logits.shape[-1]), b["labels"].to(device).reshape(-1),
                         ignore_index=IGNORE_INDEX, reduction="sum")))

@@ -1,0 +1,168 @@
+"""harness.gpt2_fast against transformers' own GPT-2: hidden states, gradients, decoded tokens, and who is served."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness import gpt2_fast
+from harness.evaluation.generation import generate
+from harness.models import build_tiny, counted_rows, full_logits
+from harness.modes.sampling import sample_rows
+
+
+def _gpt2(vocab=40, layers=2, embd=32, heads=4, activation="gelu", seed=0, **extra):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=64, n_embd=embd, n_layer=layers, n_head=heads,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                      activation_function=activation, bos_token_id=1, eos_token_id=2,
+                                      pad_token_id=0, **extra))
+
+
+def _batch(B=6, T=12, vocab=40, seed=1, pad_right=True):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    for b in range(1, B, 2):  # every other row padded by b tokens
+        if pad_right:
+            mask[b, T - b:] = 0
+        else:
+            mask[b, :b] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_new"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_hidden_states_and_gradients_equal_the_library(activation, padded):
+    model = _gpt2(activation=activation)
+    ids, mask = _batch()
+    if not padded:
+        mask = torch.ones_like(mask)
+    valid = mask.bool()
+    ref = model.transformer(input_ids=ids, attention_mask=mask)[0]
+    (ref[valid] ** 2).sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    new = gpt2_fast.hidden_states(model, ids, mask)
+    (new[valid] ** 2).sum().backward()
+    torch.testing.assert_close(new[valid], ref[valid], rtol=1e-5, atol=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert torch.isfinite(new).all()  # padded positions too (no NaN from fully masked rows)
+
+
+def test_full_logits_and_counted_rows_equal_the_library():
+    model = _gpt2()
+    ids, mask = _batch()
+    loss_mask = mask.clone()
+    loss_mask[:, :3] = 0
+    ref = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(full_logits(model, ids, mask)[mask.bool()], ref[mask.bool()], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(counted_rows(model, ids, mask, loss_mask), ref[loss_mask.bool()], rtol=1e-5, atol=1e-5)
+
+
+def _left_padded(prompts, pad=0):
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p):] = torch.tensor(p)
+        mask[b, width - len(p):] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("sampling", [False, True])
+def test_decode_returns_generates_tokens(sampling):
+    from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor
+
+    from harness.draw import sampling_processors
+
+    model = _gpt2(vocab=12, seed=3).eval()  # a small vocabulary: rows meet eos (2) at different steps
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 12, (n,), generator=g).tolist() for n in (3, 7, 5, 1, 6, 7, 2, 4)]
+    ids, mask = _left_padded(prompts)
+
+    def draws():
+        return sampling_processors(0.8, 0, 0.95, torch.Generator().manual_seed(7)) if sampling else []
+
+    def run(eos):
+        return gpt2_fast.decode(model, ids, mask, max_new_tokens=10, eos_id=eos, pad_id=0,
+                                processors=[NoRepeatNGramLogitsProcessor(2)] + draws())
+
+    eos = int(run(-1)[:, ids.shape[1] + 2].mode().values)  # a token some rows produce at step 3: they end there
+    ref = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=10, eos_token_id=eos,
+                         pad_token_id=0, no_repeat_ngram_size=2, logits_processor=LogitsProcessorList(draws()))
+    new = run(eos)
+    ended = (new[:, ids.shape[1]:] == eos).any(-1)
+    assert 0 < int(ended.sum()) < len(prompts)  # some rows end early, others run on (padding after eos)
+    assert torch.equal(new, ref)
+
+
+def test_decode_greedy_equals_full_forwards():
+    """Independent of generate(): each greedy token is the argmax of a full forward over the row so far."""
+    model = _gpt2(vocab=30, seed=4).eval()
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13]]
+    ids, mask = _left_padded(prompts)
+    out = gpt2_fast.decode(model, ids, mask, max_new_tokens=5, eos_id=2, pad_id=0)
+    for b, prompt in enumerate(prompts):
+        row = list(prompt)
+        for _ in range(out.shape[1] - ids.shape[1]):
+            with torch.no_grad():
+                token = int(model(input_ids=torch.tensor([row])).logits[0, -1].argmax())
+            row.append(token)
+            if token == 2:
+                break
+        got = out[b, ids.shape[1]:].tolist()[: len(row) - len(prompt)]
+        assert got == row[len(prompt):]
+
+
+@pytest.fixture(scope="module")
+def model_and_tok(tiny_tokenizer):
+    special = {"bos_token_id": tiny_tokenizer.bos_token_id, "eos_token_id": tiny_tokenizer.eos_token_id,
+               "pad_token_id": tiny_tokenizer.pad_token_id}
+    model = build_tiny({"arch": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2}, len(tiny_tokenizer), seed=6,
+                       max_positions=64, special_ids=special)
+    return model.eval(), tiny_tokenizer
+
+
+def test_samplers_give_the_same_rows_with_and_without_the_fast_path(model_and_tok, monkeypatch):
+    model, tok = model_and_tok
+    texts = ["Q: 1 + 1 =", "List: a b c d", "Capital of", "Name three colours and a"]
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    kw = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=1.0, max_new_tokens=8, max_length=48,
+              seed=3, top_p=0.9)
+    gen_kw = dict(max_prompt_tokens=16, max_length=40, max_new_tokens=8, batch_size=3, progress=False,
+                  seed=2, num_return_sequences=2)
+    assert gpt2_fast.eligible(model) and gpt2_fast.plain_generation_config(model)
+    fast_rows, fast_texts = sample_rows(model, prompts, **kw), generate(model, tok, texts, **gen_kw)
+    monkeypatch.setenv("DISTILLBENCH_GPT2_FAST", "0")
+    assert not gpt2_fast.eligible(model)
+    assert sample_rows(model, prompts, **kw) == fast_rows
+    assert generate(model, tok, texts, **gen_kw) == fast_texts
+
+
+def test_only_plain_gpt2_models_are_served():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = _gpt2()
+    assert gpt2_fast.eligible(model.train()) and gpt2_fast.eligible(model.eval())
+    assert not gpt2_fast.eligible(model.transformer)  # the body alone: not a head model
+    assert not gpt2_fast.eligible(_gpt2(scale_attn_by_inverse_layer_idx=True))
+    dropout = _gpt2()
+    dropout.config.resid_pdrop = 0.1
+    assert not gpt2_fast.eligible(dropout.train()) and gpt2_fast.eligible(dropout.eval())
+    hooked = _gpt2()
+    hooked.transformer.h[0].register_forward_hook(lambda *a: None)
+    assert not gpt2_fast.eligible(hooked)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=4))
+    assert not gpt2_fast.eligible(llama)
+
+
+def test_a_generation_config_that_adds_processors_keeps_the_library_path():
+    model = _gpt2()
+    assert gpt2_fast.plain_generation_config(model)
+    model.generation_config.repetition_penalty = 1.3
+    assert not gpt2_fast.plain_generation_config(model)
