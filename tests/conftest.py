@@ -33,3 +33,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def tiny_gpt2(tokenizer, *, n_layer: int, seed: int, n_embd: int = 32, n_head: int = 2):
+    """A randomly initialised tiny GPT-2 for ``tokenizer`` (its special ids), in eval mode."""
+    from harness.models import build_tiny
+
+    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+               "pad_token_id": tokenizer.pad_token_id}
+    return build_tiny({"arch": "gpt2", "n_layer": n_layer, "n_embd": n_embd, "n_head": n_head}, len(tokenizer),
+                      seed=seed, max_positions=64, special_ids=special).eval()

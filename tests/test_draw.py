@@ -9,8 +9,8 @@ import torch
 
 from harness.draw import CategoricalDraw, categorical, sampling_processors
 from harness.evaluation.generation import generate
-from harness.models import build_tiny
 from harness.modes.sampling import sample_rows
+from tests.conftest import tiny_gpt2
 
 
 def _first_above(cum: list[float], x: float) -> int:
@@ -69,11 +69,7 @@ def test_sampling_processors_order_and_identity_settings():
 
 @pytest.fixture(scope="module")
 def model_and_tok(tiny_tokenizer):
-    special = {"bos_token_id": tiny_tokenizer.bos_token_id, "eos_token_id": tiny_tokenizer.eos_token_id,
-               "pad_token_id": tiny_tokenizer.pad_token_id}
-    model = build_tiny({"arch": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2}, len(tiny_tokenizer), seed=4,
-                       max_positions=64, special_ids=special)
-    return model.eval(), tiny_tokenizer
+    return tiny_gpt2(tiny_tokenizer, n_layer=1, seed=4), tiny_tokenizer
 
 
 def test_sample_rows_first_token_follows_the_models_tempered_softmax(model_and_tok):

@@ -7,8 +7,9 @@ import torch
 
 from harness import gpt2_fast
 from harness.evaluation.generation import generate
-from harness.models import build_tiny, counted_rows, full_logits
+from harness.models import counted_rows, full_logits
 from harness.modes.sampling import sample_rows
+from tests.conftest import tiny_gpt2
 
 
 def _gpt2(vocab=40, layers=2, embd=32, heads=4, activation="gelu", seed=0, **extra):
@@ -120,11 +121,7 @@ def test_decode_greedy_equals_full_forwards():
 
 @pytest.fixture(scope="module")
 def model_and_tok(tiny_tokenizer):
-    special = {"bos_token_id": tiny_tokenizer.bos_token_id, "eos_token_id": tiny_tokenizer.eos_token_id,
-               "pad_token_id": tiny_tokenizer.pad_token_id}
-    model = build_tiny({"arch": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2}, len(tiny_tokenizer), seed=6,
-                       max_positions=64, special_ids=special)
-    return model.eval(), tiny_tokenizer
+    return tiny_gpt2(tiny_tokenizer, n_layer=2, seed=6), tiny_tokenizer
 
 
 def test_samplers_give_the_same_rows_with_and_without_the_fast_path(model_and_tok, monkeypatch):
