@@ -9,6 +9,7 @@
 #   snakemake --cores all --configfile config/smoke.yaml   # another suite
 #   snakemake -n                                           # the plan;   snakemake --report report.html
 # A run writes only under work/<suite>/; `distillbench publish` copies its leaderboard into results/<suite>.
+import os
 import sys
 from pathlib import Path
 
@@ -53,6 +54,11 @@ CLI = f"DISTILLBENCH_WORKER={WORKER} exec {sys.executable} -m harness.cli --no-p
 # under the worker the step is not in the job's process tree: the client writes its CPU time and peak RSS here
 USAGE = "DISTILLBENCH_WORKER_USAGE={log}.usage.json"
 ARGS = f"--config {SUITE_FILE} --threads {SUITE.threads_per_job}"
+try:  # the cores this run was given (--cores); none when a cluster executor runs the jobs
+    RUN_CORES = int(workflow.cores)
+except Exception:
+    RUN_CORES = 1
+PLOT_PROCESSES = max(1, min(3, os.cpu_count() or 1, RUN_CORES))  # the leaderboard's (see the rule)
 GPU = 0 if resolve_device(SUITE.device) == "cpu" else 1  # one GPU per job; constrain with --resources gpu=N
 RESOURCES = dict(config.get("resources") or {})
 # num_processes > 1: each distill run is started by `accelerate launch` (DDP; see harness/parallel.py)
@@ -247,4 +253,8 @@ rule leaderboard:
     params: tseed=T, fp=FP.plan_digest()
     log: W / "logs" / "leaderboard.log"
     benchmark: W / "benchmarks" / "leaderboard.tsv"
-    shell: USAGE + " {CLI} leaderboard {ARGS} > {log} 2>&1"
+    threads: SUITE.threads_per_job
+    # the last job: nothing else can run beside it, so it draws its plots side by side on the cores the run was
+    # given (harness/report/render_plots.py; the files are the same). Not as `threads:`: Snakemake would export
+    # them as OMP_NUM_THREADS, and a job whose environment differs gets a warm worker of its own (seconds).
+    shell: USAGE + " {CLI} leaderboard {ARGS} --processes " + str(PLOT_PROCESSES) + " > {log} 2>&1"

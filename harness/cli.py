@@ -75,7 +75,9 @@ def _parser() -> argparse.ArgumentParser:
         (("--target",), {"required": True, "help": "a recipe name, 'teacher' or 'init'"}),
         (("--seed",), {"type": int, "action": "append", "help": "training seed(s); repeat for several (default 0)"}),
         tseed)
-    cmd("leaderboard", "aggregate the plan's records into leaderboards and plots under work/<suite>/leaderboard")
+    cmd("leaderboard", "aggregate the plan's records into leaderboards and plots under work/<suite>/leaderboard",
+        (("--processes",), {"type": int, "default": 1,
+                            "help": "draw the plots in up to this many processes (the files are the same; default 1)"}))
     cmd("publish", "copy work/<suite>/leaderboard into results/<suite> and regenerate the README's table")
     cmd("status", "what ran, failed or is stale in the work directory, and the top of the leaderboard")
     cmd("check", "say whether results/<suite> matches the current code, plan and last run (exit 1 if not)")
@@ -212,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "evaluate":
         steps.evaluate(suite, args.target, args.seed or [0], progress=progress)
     elif args.command == "leaderboard":
-        steps.leaderboard(suite)
+        steps.leaderboard(suite, processes=args.processes)
     elif args.command == "publish":
         from .publishing import publish
 

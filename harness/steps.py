@@ -693,8 +693,9 @@ def provenance(suite: Suite, fingerprints: Fingerprints) -> dict:
             "machine": machine(resolve_device(suite.device)), "device": resolve_device(suite.device)}
 
 
-def leaderboard(suite: Suite) -> dict[str, Path]:
-    """Leaderboards (md/csv/html/tex), scores and plots from the plan's records, into ``workdir/leaderboard``.
+def leaderboard(suite: Suite, processes: int = 1) -> dict[str, Path]:
+    """Leaderboards (md/csv/html/tex), scores and plots from the plan's records, into ``workdir/leaderboard``;
+    the plots are drawn in up to ``processes`` processes (the files are the same).
 
     Publishing them into ``results/<suite>`` is a separate, deliberate step (harness.publishing).
     """
@@ -717,6 +718,7 @@ def leaderboard(suite: Suite) -> dict[str, Path]:
     written = publish_report(
         chosen, suite.leaderboard_dir, primary_metric=suite.evaluation["primary_metric"], baseline=suite.baseline,
         expected=expected_runs(suite), curves=curves, provenance=provenance(suite, fingerprints), left_out=left_out,
+        processes=processes,
     )
     from .io import write_text_atomic
 

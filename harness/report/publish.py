@@ -34,7 +34,6 @@ from harness.io import write_json_atomic, write_text_atomic
 from harness.report.aggregate import final_runs, ok_runs
 from harness.report.leaderboard import build_report
 from harness.report.plots import (
-    NothingToPlot,
     plot_heatmap,
     plot_pareto,
     plot_scores,
@@ -43,6 +42,7 @@ from harness.report.plots import (
 )
 from harness.report.records import METRIC_PREFIX, load_record_list, metric_names, missing_runs
 from harness.report.render import render_csv, render_html, render_latex, render_markdown
+from harness.report.render_plots import render as render_plots
 
 __all__ = ["PUBLISHED_NAMES", "publish", "scores_frame"]
 
@@ -167,6 +167,7 @@ def publish(
     n_boot: int = 10_000,
     rng_seed: int = 0,
     stem: str = "leaderboard",
+    processes: int = 1,
 ) -> dict[str, Path]:
     """Build the report from exactly ``records`` and publish it into ``out_dir`` (see the module doc).
 
@@ -183,6 +184,8 @@ def publish(
             top of ``leaderboard.md``/``.html`` and written to ``provenance.json``.
         left_out: records the caller did not pass, with the reason (one string each), listed in the
             leaderboard, ``provenance.json`` and ``report_problems.json``.
+        processes: draw the plots in up to this many forked processes (:mod:`harness.report.render_plots`);
+            the files are the same as with 1.
 
     Writes (keys of the returned dict, paths inside ``out_dir``): ``leaderboard_md|csv|html|tex``,
     ``scores_csv`` (metric values only, full precision), ``provenance`` (``provenance.json``: the given
@@ -205,7 +208,8 @@ def publish(
         written = _publish_into(staging, list(records), primary_metric=primary_metric, baseline=baseline,
                                 expected=expected, curves=curves, provenance=stamp, left_out=left,
                                 higher_is_better=higher_is_better, confidence=confidence, alpha=alpha,
-                                n_boot=n_boot, rng_seed=rng_seed, stem=stem)
+                                n_boot=n_boot, rng_seed=rng_seed, stem=stem,
+                                processes=processes)
         _swap_in(staging, out)
     finally:
         if staging.exists():
@@ -229,6 +233,7 @@ def _publish_into(
     n_boot: int,
     rng_seed: int,
     stem: str,
+    processes: int,
 ) -> dict[str, Path]:
     loaded = load_record_list(records)
     df, load_problems = loaded.frame, list(loaded.problems)
@@ -248,14 +253,9 @@ def _publish_into(
         jobs.append(("tuning", lambda p: plot_tuning(report, p)))
     if curves is not None:
         jobs.append(("training_curves", lambda p: plot_training_curves(curves, p, confidence=confidence)))
+    drawn, skipped = render_plots(jobs, plot_dir, processes, first=("training_curves", "tuning", "heatmap"))
     written: dict[str, Path] = {}
-    skipped: list[str] = []
-    for name, job in jobs:
-        try:
-            png, svg = job(plot_dir / name)
-        except NothingToPlot as exc:
-            skipped.append(f"plot {name!r} skipped: {exc}")
-            continue
+    for name, (png, svg) in drawn.items():
         written[f"{name}_png"], written[f"{name}_svg"] = png, svg
 
     final = final_runs(df)
