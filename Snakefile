@@ -257,4 +257,6 @@ rule leaderboard:
     # the last job: nothing else can run beside it, so it draws its plots side by side on the cores the run was
     # given (harness/report/render_plots.py; the files are the same). Not as `threads:`: Snakemake would export
     # them as OMP_NUM_THREADS, and a job whose environment differs gets a warm worker of its own (seconds).
-    shell: USAGE + " {CLI} leaderboard {ARGS} --processes " + str(PLOT_PROCESSES) + " > {log} 2>&1"
+    # ({PLOT_PROCESSES} is filled in when the job runs: the rule's code stays the same whatever --cores is, so
+    # another --cores never makes Snakemake re-run a finished leaderboard)
+    shell: USAGE + " {CLI} leaderboard {ARGS} --processes {PLOT_PROCESSES} > {log} 2>&1"
