@@ -193,4 +193,12 @@ def full_logits(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
 
 
 def _head_rows(model, input_ids: Tensor, attention_mask: Tensor, rows: Tensor) -> Tensor:
-    return model.get_output_embeddings()(body(model, input_ids, attention_mask)[rows])
+    """The head on the hidden states of ``rows`` (bool [B, T]) only, ``[N, V]``; a plain GPT-2's body computes only
+    what those rows depend on (:func:`harness.gpt2_fast.counted_hidden_states`)."""
+    from . import gpt2_fast
+
+    if gpt2_fast.eligible(model):
+        hidden = gpt2_fast.counted_hidden_states(model, input_ids, attention_mask, rows)
+    else:
+        hidden = body(model, input_ids, attention_mask)[rows]
+    return model.get_output_embeddings()(hidden)

@@ -64,6 +64,66 @@ def test_full_logits_and_counted_rows_equal_the_library():
     torch.testing.assert_close(counted_rows(model, ids, mask, loss_mask), ref[loss_mask.bool()], rtol=1e-5, atol=1e-5)
 
 
+def _counted(ids, mask, share=0.3, empty_row=2, seed=3):
+    """Scattered counted positions (real tokens only), with one row that counts nothing."""
+    g = torch.Generator().manual_seed(seed)
+    rows = (torch.rand(ids.shape, generator=g) < share) & mask.bool()
+    rows[empty_row] = False
+    return rows
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3])
+@pytest.mark.parametrize("pad_right", [True, False])
+@pytest.mark.parametrize("share", [0.3, 1.0])
+def test_counted_hidden_states_and_gradients_equal_the_library(layers, pad_right, share):
+    model = _gpt2(layers=layers).double()  # float64: round-off far below any mistake (a wrong key or mask)
+    ids, mask = _batch(pad_right=pad_right)
+    rows = _counted(ids, mask, share)
+    ref = model.transformer(input_ids=ids, attention_mask=mask)[0][rows]
+    (ref ** 2).sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    new = gpt2_fast.counted_hidden_states(model, ids, mask, rows)
+    assert new.shape == (int(rows.sum()), 32)
+    torch.testing.assert_close(new, ref, rtol=1e-10, atol=1e-10)
+    (new ** 2).sum().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_counted_hidden_states_without_counted_rows_or_mask():
+    model = _gpt2()
+    ids, mask = _batch()
+    none = torch.zeros_like(mask, dtype=torch.bool)
+    out = gpt2_fast.counted_hidden_states(model, ids, mask, none)
+    assert out.shape == (0, 32) and out.requires_grad
+    rows = _counted(ids, torch.ones_like(mask))
+    ref = model.transformer(input_ids=ids)[0][rows]
+    torch.testing.assert_close(gpt2_fast.counted_hidden_states(model, ids, None, rows), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_counted_hidden_states_skip_the_work_no_counted_row_needs():
+    """A short response at the end of a right-padded row: the matmuls of the forward drop to well under the full
+    forward's (positions after the last counted one and padding cost nothing; the last block's queries and MLP run
+    on the counted rows only), and tokens after a row's last counted position cannot change anything."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = _gpt2(layers=2)
+    ids, mask = _batch(B=8, T=24, pad_right=True)
+    lengths = mask.sum(1)
+    rows = torch.zeros_like(mask, dtype=torch.bool)
+    for b, n in enumerate(lengths.tolist()):
+        rows[b, n - 4 : n - 1] = True  # a 3-token response; the final token has no target
+    with FlopCounterMode(display=False) as full:
+        model.transformer(input_ids=ids, attention_mask=mask)
+    with FlopCounterMode(display=False) as counted:
+        out = gpt2_fast.counted_hidden_states(model, ids, mask, rows)
+    assert counted.get_total_flops() < 0.65 * full.get_total_flops()
+    changed = ids.clone()
+    changed[torch.arange(8), lengths - 1] = 5  # every row's final token
+    torch.testing.assert_close(gpt2_fast.counted_hidden_states(model, changed, mask, rows), out)
+
+
 def _left_padded(prompts, pad=0):
     width = max(map(len, prompts))
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)

@@ -6,8 +6,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..data.batching import IGNORE_INDEX, collate, encode
-from ..models import full_logits
+from ..data.batching import collate, encode
+from ..models import counted_rows
 
 REDUCTIONS = ("batch_mean", "token_mean")
 
@@ -15,7 +15,8 @@ REDUCTIONS = ("batch_mean", "token_mean")
 def validation_loss(student, tokenizer, items: Sequence[dict], *, pad_id: int, max_prompt_tokens: int,
                     max_length: int, batch_size: int = 32, reduction: str = "batch_mean") -> Callable[[], float]:
     """``val_loss()``: the student's cross-entropy on the reference responses of ``items`` (prompt and padding
-    excluded, as in training rows), without grad, in eval mode (its mode restored after).
+    excluded, as in training rows; only those rows are computed), without grad, in eval mode (its mode restored
+    after).
 
     ``reduction="batch_mean"`` (default) is DistiLLM's ``evaluate`` (finetune.py l.463-535 at
     jongwooko/distillm@d47e77ff): the token mean of each batch of ``batch_size`` items, averaged over batches
@@ -42,11 +43,11 @@ def validation_loss(student, tokenizer, items: Sequence[dict], *, pad_id: int, m
         try:
             with torch.no_grad():
                 for b in batches:
-                    logits = full_logits(student, b["input_ids"].to(device),
-                                         b["attention_mask"].to(device)).float()
+                    mask = b["loss_mask"].to(device)
+                    logits = counted_rows(student, b["input_ids"].to(device), b["attention_mask"].to(device),
+                                          mask).float()  # [N, V]: the response positions only
                     sums.append(float(torch.nn.functional.cross_entropy(
-                        logits.reshape(-1, logits.shape[-1]), b["labels"].to(device).reshape(-1),
-                        ignore_index=IGNORE_INDEX, reduction="sum")))
+                        logits, b["labels"].to(device)[mask > 0], reduction="sum")))
                     counts.append(float(b["loss_mask"].sum()))
         finally:
             student.train(was_training)
