@@ -74,10 +74,12 @@ def plain_generation_config(model) -> bool:
 
 
 def _attend(block, h: Tensor, cache: tuple[Tensor, Tensor] | None, start: int,
-            mask: Tensor | None) -> Tensor:
+            mask: Tensor | None, last_only: bool = False) -> Tensor:
     """One block: ``h`` [B, T, H] → [B, T, H]. With ``cache`` (keys, values [B, heads, T_max, D]) the block's keys
     and values are written at ``start:start+T`` and attention reads ``[:start+T]``. ``mask``: bool
-    [B, 1, T, T_keys] (True = attend) or ``None`` for plain causal attention over ``h`` alone."""
+    [B, 1, T, T_keys] (True = attend) or ``None`` for plain causal attention over ``h`` alone. ``last_only``: keys
+    and values of every position (into ``cache``), everything else for the last position only: ``[B, 1, H]`` (the
+    last block of a decoding step, whose other positions nobody reads)."""
     attn, mlp = block.attn, block.mlp
     B, T, H = h.shape
     x = F.layer_norm(h, (H,), block.ln_1.weight, block.ln_1.bias, block.ln_1.eps)
@@ -88,7 +90,11 @@ def _attend(block, h: Tensor, cache: tuple[Tensor, Tensor] | None, start: int,
         keys[:, :, start:start + T] = k
         values[:, :, start:start + T] = v
         k, v = keys[:, :, :start + T], values[:, :, :start + T]
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=attn.scaling)
+    causal = mask is None
+    if last_only and T > 1:  # the last query sees every key: no causal mask
+        q, h, T, causal = q[:, :, -1:], h[:, -1:], 1, False
+        mask = None if mask is None else mask[:, :, -1:]
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=attn.scaling)
     h = h + torch.addmm(attn.c_proj.bias, o.transpose(1, 2).reshape(B * T, H), attn.c_proj.weight).view(B, T, H)
     x = F.layer_norm(h, (H,), block.ln_2.weight, block.ln_2.bias, block.ln_2.eps)
     y = mlp.act(torch.addmm(mlp.c_fc.bias, x.reshape(B * T, H), mlp.c_fc.weight))
@@ -224,8 +230,8 @@ def decode(model, input_ids: Tensor, attention_mask: Tensor, *, max_new_tokens: 
     unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
     for step in range(max_new_tokens):
         h = t.wte(step_ids) + t.wpe(positions)
-        for block, cache in zip(t.h, caches):
-            h = _attend(block, h, cache, start, mask)
+        for layer, (block, cache) in enumerate(zip(t.h, caches)):
+            h = _attend(block, h, cache, start, mask, last_only=layer == len(t.h) - 1)
         last = F.layer_norm(h[:, -1], (h.shape[-1],), t.ln_f.weight, t.ln_f.bias, t.ln_f.eps)
         scores = model.lm_head(last).float()
         for processor in processors:
