@@ -73,6 +73,20 @@ def plain_generation_config(model) -> bool:
         "output_hidden_states")
 
 
+def _norm(ln, x: Tensor) -> Tensor:
+    """``ln(x)`` of a ``LayerNorm`` over the last dimension, called functionally."""
+    return F.layer_norm(x, (x.shape[-1],), ln.weight, ln.bias, ln.eps)
+
+
+def _finish(block, h: Tensor, o: Tensor) -> Tensor:
+    """A block after its attention, per token: ``h`` [N, H] the block's input rows, ``o`` [N, H] their attention
+    outputs (heads concatenated) → the residual with the output projection, then the MLP sublayer, [N, H]."""
+    attn, mlp = block.attn, block.mlp
+    h = h + torch.addmm(attn.c_proj.bias, o, attn.c_proj.weight)
+    y = mlp.act(torch.addmm(mlp.c_fc.bias, _norm(block.ln_2, h), mlp.c_fc.weight))
+    return h + torch.addmm(mlp.c_proj.bias, y, mlp.c_proj.weight)
+
+
 def _attend(block, h: Tensor, cache: tuple[Tensor, Tensor] | None, start: int,
             mask: Tensor | None, last_only: bool = False) -> Tensor:
     """One block: ``h`` [B, T, H] → [B, T, H]. With ``cache`` (keys, values [B, heads, T_max, D]) the block's keys
@@ -80,10 +94,9 @@ def _attend(block, h: Tensor, cache: tuple[Tensor, Tensor] | None, start: int,
     [B, 1, T, T_keys] (True = attend) or ``None`` for plain causal attention over ``h`` alone. ``last_only``: keys
     and values of every position (into ``cache``), everything else for the last position only: ``[B, 1, H]`` (the
     last block of a decoding step, whose other positions nobody reads)."""
-    attn, mlp = block.attn, block.mlp
+    attn = block.attn
     B, T, H = h.shape
-    x = F.layer_norm(h, (H,), block.ln_1.weight, block.ln_1.bias, block.ln_1.eps)
-    qkv = torch.addmm(attn.c_attn.bias, x.reshape(B * T, H), attn.c_attn.weight)
+    qkv = torch.addmm(attn.c_attn.bias, _norm(block.ln_1, h).reshape(B * T, H), attn.c_attn.weight)
     q, k, v = qkv.view(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     if cache is not None:
         keys, values = cache
@@ -95,10 +108,7 @@ def _attend(block, h: Tensor, cache: tuple[Tensor, Tensor] | None, start: int,
         q, h, T, causal = q[:, :, -1:], h[:, -1:], 1, False
         mask = None if mask is None else mask[:, :, -1:]
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=attn.scaling)
-    h = h + torch.addmm(attn.c_proj.bias, o.transpose(1, 2).reshape(B * T, H), attn.c_proj.weight).view(B, T, H)
-    x = F.layer_norm(h, (H,), block.ln_2.weight, block.ln_2.bias, block.ln_2.eps)
-    y = mlp.act(torch.addmm(mlp.c_fc.bias, x.reshape(B * T, H), mlp.c_fc.weight))
-    return h + torch.addmm(mlp.c_proj.bias, y, mlp.c_proj.weight).view(B, T, H)
+    return _finish(block, h.reshape(B * T, H), o.transpose(1, 2).reshape(B * T, H)).view(B, T, H)
 
 
 def _padding_mask(attention_mask: Tensor, T: int) -> Tensor | None:
@@ -126,7 +136,7 @@ def hidden_states(model, input_ids: Tensor, attention_mask: Tensor | None = None
     mask = None if attention_mask is None else _padding_mask(attention_mask, T)
     for block in t.h:
         h = _attend(block, h, None, 0, mask)
-    return F.layer_norm(h, (h.shape[-1],), t.ln_f.weight, t.ln_f.bias, t.ln_f.eps)
+    return _norm(t.ln_f, h)
 
 
 def _attend_packed(block, h: Tensor, where: tuple[Tensor, Tensor], shape: tuple[int, int],
@@ -135,15 +145,13 @@ def _attend_packed(block, h: Tensor, where: tuple[Tensor, Tensor], shape: tuple[
     ``[B, W]`` batch (``shape``); every per-token operation runs on the M tokens only, attention on their keys and
     values scattered back into ``[B, heads, W, D]`` (positions that are not packed are zeros no packed query reads:
     :func:`counted_hidden_states` packs every position up to the last one read). ``mask`` as in :func:`_attend`."""
-    attn, mlp = block.attn, block.mlp
+    attn = block.attn
     H = h.shape[-1]
-    x = F.layer_norm(h, (H,), block.ln_1.weight, block.ln_1.bias, block.ln_1.eps)
-    qkv = h.new_zeros((*shape, 3 * H)).index_put(where, torch.addmm(attn.c_attn.bias, x, attn.c_attn.weight))
+    qkv = torch.addmm(attn.c_attn.bias, _norm(block.ln_1, h), attn.c_attn.weight)
+    qkv = h.new_zeros((*shape, 3 * H)).index_put(where, qkv)
     q, k, v = qkv.view(*shape, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=attn.scaling)
-    h = h + torch.addmm(attn.c_proj.bias, o.transpose(1, 2)[where].reshape(-1, H), attn.c_proj.weight)
-    x = F.layer_norm(h, (H,), block.ln_2.weight, block.ln_2.bias, block.ln_2.eps)
-    return h + torch.addmm(mlp.c_proj.bias, mlp.act(torch.addmm(mlp.c_fc.bias, x, mlp.c_fc.weight)), mlp.c_proj.weight)
+    return _finish(block, h, o.transpose(1, 2)[where].reshape(-1, H))
 
 
 def counted_hidden_states(model, input_ids: Tensor, attention_mask: Tensor | None, rows: Tensor) -> Tensor:
@@ -179,9 +187,9 @@ def counted_hidden_states(model, input_ids: Tensor, attention_mask: Tensor | Non
         h = _attend_packed(block, h, (kb, kt), shape, mask)
 
     block = t.h[-1]
-    attn, mlp = block.attn, block.mlp
+    attn = block.attn
     H, heads, dim = h.shape[-1], attn.num_heads, attn.head_dim
-    x = F.layer_norm(h, (H,), block.ln_1.weight, block.ln_1.bias, block.ln_1.eps)
+    x = _norm(block.ln_1, h)
     weight, bias = attn.c_attn.weight, attn.c_attn.bias  # Conv1D [H, 3H]: columns q | k | v
     kv = h.new_zeros((*shape, 2 * H)).index_put((kb, kt), torch.addmm(bias[H:], x, weight[:, H:]))
     k, v = kv.view(*shape, 2, heads, dim).permute(2, 0, 3, 1, 4)  # [B, heads, W, D] each
@@ -197,10 +205,7 @@ def counted_hidden_states(model, input_ids: Tensor, attention_mask: Tensor | Non
     keys = position[:width]
     allowed = ((keys <= at[..., None]) & attention_mask[:, None, :width].bool()) | (keys == at[..., None])
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], scale=attn.scaling)
-    h = h[counted] + torch.addmm(attn.c_proj.bias, o.transpose(1, 2)[rb, slot].reshape(-1, H), attn.c_proj.weight)
-    x = F.layer_norm(h, (H,), block.ln_2.weight, block.ln_2.bias, block.ln_2.eps)
-    h = h + torch.addmm(mlp.c_proj.bias, mlp.act(torch.addmm(mlp.c_fc.bias, x, mlp.c_fc.weight)), mlp.c_proj.weight)
-    return F.layer_norm(h, (H,), t.ln_f.weight, t.ln_f.bias, t.ln_f.eps)
+    return _norm(t.ln_f, _finish(block, h[counted], o.transpose(1, 2)[rb, slot].reshape(-1, H)))
 
 
 @torch.no_grad()
@@ -232,7 +237,7 @@ def decode(model, input_ids: Tensor, attention_mask: Tensor, *, max_new_tokens: 
         h = t.wte(step_ids) + t.wpe(positions)
         for layer, (block, cache) in enumerate(zip(t.h, caches)):
             h = _attend(block, h, cache, start, mask, last_only=layer == len(t.h) - 1)
-        last = F.layer_norm(h[:, -1], (h.shape[-1],), t.ln_f.weight, t.ln_f.bias, t.ln_f.eps)
+        last = _norm(t.ln_f, h[:, -1])
         scores = model.lm_head(last).float()
         for processor in processors:
             scores = processor(ids, scores)
