@@ -8,8 +8,12 @@ classes, argument checks) as in arithmetic: a no-grad forward of the tiny studen
 
 - :func:`hidden_states` — ``model.transformer(...)[0]`` (after ``ln_f``), ``[B, T, H]``; gradients flow into the
   model's parameters as through the module call.
+- :func:`counted_hidden_states` — the same rows at the positions a loss reads only, computing nothing else.
 - :func:`decode` — ``model.generate(...)`` run greedy on a list of logits processors, with a key/value cache:
-  same prefill positions (``cumsum(attention_mask) − 1``), same order of processors, same eos padding and stopping.
+  same prefill positions (``cumsum(attention_mask) − 1``), same order of processors, same eos padding and stopping;
+  :class:`Decoder` is its loop, one step at a time.
+- :func:`keys_values` — rows' keys and values at every block, which the two above take as ``past`` (a frozen
+  teacher's prompts, computed once: :mod:`harness.teacher_prefix`).
 
 Same math, not the same kernels' every call: outputs equal the library's up to float round-off (tests compare
 hidden states, gradients and decoded tokens with the library's). Only a plain :class:`GPT2LMHeadModel` whose
@@ -27,7 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["enabled", "eligible", "hidden_states", "counted_hidden_states", "decode", "plain_generation_config"]
+__all__ = ["enabled", "eligible", "hidden_states", "counted_hidden_states", "keys_values", "prefix_keys_values",
+           "Decoder", "decode",
+           "plain_generation_config"]
 
 #: generation_config fields that do not change what ``generate`` computes for the calls this harness makes
 #: (ids it is given anyway, sampling settings it neutralises, bookkeeping).
@@ -140,21 +146,31 @@ def hidden_states(model, input_ids: Tensor, attention_mask: Tensor | None = None
 
 
 def _attend_packed(block, h: Tensor, where: tuple[Tensor, Tensor], shape: tuple[int, int],
-                   mask: Tensor | None) -> Tensor:
+                   mask: Tensor | None, given: tuple[tuple[Tensor, Tensor], Tensor] | None = None,
+                   record: Tensor | None = None) -> Tensor:
     """One block on packed tokens: ``h`` [M, H] are the tokens at ``where = (rows, columns)`` (row-major) of a
     ``[B, W]`` batch (``shape``); every per-token operation runs on the M tokens only, attention on their keys and
-    values scattered back into ``[B, heads, W, D]`` (positions that are not packed are zeros no packed query reads:
-    :func:`counted_hidden_states` packs every position up to the last one read). ``mask`` as in :func:`_attend`."""
+    values scattered back into ``[B, heads, W, D]`` (positions that are neither packed nor given are zeros no
+    packed query reads: :func:`counted_hidden_states` packs every position up to the last one read). ``given``:
+    ``((rows, columns), kv)``, the keys | values ``kv`` [P, 2H] of P other positions of the batch (a cached
+    prefix), written into the attention's keys and values. ``record`` [M, 2H]: receives the packed tokens' keys |
+    values. ``mask`` as in :func:`_attend`."""
     attn = block.attn
     H = h.shape[-1]
     qkv = torch.addmm(attn.c_attn.bias, _norm(block.ln_1, h), attn.c_attn.weight)
+    if record is not None:
+        record.copy_(qkv[:, H:])
     qkv = h.new_zeros((*shape, 3 * H)).index_put(where, qkv)
+    if given is not None:
+        (gb, gt), kv = given
+        qkv[gb, gt, H:] = kv
     q, k, v = qkv.view(*shape, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=attn.scaling)
     return _finish(block, h, o.transpose(1, 2)[where].reshape(-1, H))
 
 
-def counted_hidden_states(model, input_ids: Tensor, attention_mask: Tensor | None, rows: Tensor) -> Tensor:
+def counted_hidden_states(model, input_ids: Tensor, attention_mask: Tensor | None, rows: Tensor,
+                          past: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """``hidden_states(model, input_ids, attention_mask)[rows]`` of an :func:`eligible` model, ``[N, H]`` in row-major
     order of ``rows`` (bool ``[B, T]``: the positions a loss reads), computing only what those rows depend on.
 
@@ -166,6 +182,11 @@ def counted_hidden_states(model, input_ids: Tensor, attention_mask: Tensor | Non
     ~24% of them are padding: a student step's forward and backward take ~0.7× the work of the full forward. Same
     math as :func:`hidden_states` (default positions ``0..T−1``; causal ∧ key-not-padding attention, diagonal
     always on); equal up to float round-off (the matmuls have other shapes), gradients likewise (tests).
+
+    ``past``: ``(prefix [B] long, kv [n_layer, ΣP, 2H])``, the keys and values of each row's first ``prefix[b]``
+    positions at every block (rows in order, :func:`prefix_keys_values` of those tokens): the blocks then run on
+    positions ``prefix[b]..last[b]`` only (a frozen teacher's prompt, computed once and reused). Every counted
+    position must be at or after its row's prefix.
     """
     rows = rows.bool()
     B, T = input_ids.shape
@@ -180,19 +201,34 @@ def counted_hidden_states(model, input_ids: Tensor, attention_mask: Tensor | Non
     last = torch.where(rows, position, -1).amax(1)  # [B]; -1: nothing counted in the row
     width = int(last.max()) + 1
     shape = (B, width)
-    kb, kt = (position[None, :width] <= last[:, None]).nonzero(as_tuple=True)  # the packed tokens, row-major
+    kept = position[None, :width] <= last[:, None]
+    given = None
+    if past is not None:
+        prefix, kv = past
+        prefix = prefix.to(device)
+        if bool((rt < prefix[rb]).any()):
+            raise ValueError("counted_hidden_states: a counted position lies inside its row's given prefix")
+        before = position[None, :width] < prefix[:, None]
+        given = before.nonzero(as_tuple=True)
+        if given[0].numel() != kv.shape[1]:
+            raise ValueError(f"counted_hidden_states: past holds {kv.shape[1]} positions, the prefixes "
+                             f"{given[0].numel()}")
+        kept = kept & ~before
+    kb, kt = kept.nonzero(as_tuple=True)  # the packed tokens, row-major
     mask = _padding_mask(attention_mask[:, :width], width)
     h = t.wte(input_ids[kb, kt]) + t.wpe(kt)  # [M, H]
-    for block in t.h[:-1]:
-        h = _attend_packed(block, h, (kb, kt), shape, mask)
+    for layer, block in enumerate(t.h[:-1]):
+        h = _attend_packed(block, h, (kb, kt), shape, mask, None if given is None else (given, kv[layer]))
 
     block = t.h[-1]
     attn = block.attn
     H, heads, dim = h.shape[-1], attn.num_heads, attn.head_dim
     x = _norm(block.ln_1, h)
     weight, bias = attn.c_attn.weight, attn.c_attn.bias  # Conv1D [H, 3H]: columns q | k | v
-    kv = h.new_zeros((*shape, 2 * H)).index_put((kb, kt), torch.addmm(bias[H:], x, weight[:, H:]))
-    k, v = kv.view(*shape, 2, heads, dim).permute(2, 0, 3, 1, 4)  # [B, heads, W, D] each
+    kv_last = h.new_zeros((*shape, 2 * H)).index_put((kb, kt), torch.addmm(bias[H:], x, weight[:, H:]))
+    if given is not None:
+        kv_last[given] = kv[-1]
+    k, v = kv_last.view(*shape, 2, heads, dim).permute(2, 0, 3, 1, 4)  # [B, heads, W, D] each
     packed = torch.empty(shape, dtype=torch.long, device=device)
     packed[kb, kt] = torch.arange(kb.numel(), device=device)
     counted = packed[rb, rt]  # the counted positions among the packed tokens
@@ -209,8 +245,101 @@ def counted_hidden_states(model, input_ids: Tensor, attention_mask: Tensor | Non
 
 
 @torch.no_grad()
+def keys_values(model, input_ids: Tensor, lengths: Tensor) -> Tensor:
+    """The keys and values at every block of an :func:`eligible` model of each row's first ``lengths[b]`` tokens
+    (``input_ids`` [B, T], rows starting at position 0): ``[n_layer, ΣL, 2H]``, the rows' positions in row-major
+    order, keys | values in the column order of ``c_attn``'s output — what :func:`counted_hidden_states` and
+    :class:`Decoder` take as ``past``. The blocks run on those positions only (packed, the last block's keys and
+    values only). Equal to the full forward's keys and values up to float round-off; for one batch, always the same
+    bits (a cache filled in a fixed order of batches does not depend on what else a process computed)."""
+    t = model.transformer
+    B, T = input_ids.shape
+    H = t.wte.weight.shape[1]
+    lengths = lengths.to(input_ids.device)
+    width = int(lengths.max()) if B else 0
+    position = torch.arange(width, device=input_ids.device)
+    kept = position[None, :] < lengths[:, None]
+    kb, kt = kept.nonzero(as_tuple=True)
+    out = t.wte.weight.new_empty((len(t.h), kb.numel(), 2 * H))
+    if kb.numel() == 0:
+        return out
+    mask = _padding_mask(kept.long(), width)
+    h = t.wte(input_ids[kb, kt]) + t.wpe(kt)
+    for layer, block in enumerate(t.h[:-1]):
+        h = _attend_packed(block, h, (kb, kt), (B, width), mask, record=out[layer])
+    attn = t.h[-1].attn  # the last block: keys and values only
+    out[-1] = torch.addmm(attn.c_attn.bias[H:], _norm(t.h[-1].ln_1, h), attn.c_attn.weight[:, H:])
+    return out
+
+
+def prefix_keys_values(model, ids: Tensor) -> Tensor:
+    """:func:`keys_values` of one row of tokens ``ids`` [L] at positions ``0..L−1``: ``[n_layer, L, 2H]``."""
+    return keys_values(model, ids[None], torch.tensor([ids.shape[0]], device=ids.device))
+
+
+class Decoder:
+    """Step-by-step decoding of an :func:`eligible` model with a key/value cache: the loop of :func:`decode`, for
+    samplers that draw from several models' distributions at once (MiniLLM's teacher-mixed sampling).
+
+    ``input_ids``, ``attention_mask`` [B, W], left-padded prompts; room for ``max_new_tokens`` tokens; positions
+    ``cumsum(attention_mask) − 1`` as ``generate`` gives them. :meth:`scores` runs the pending tokens (the prompt
+    first, then the last appended token) and returns the next token's logits ``[B, V]`` in float32;
+    :meth:`append` takes the chosen tokens ``[B]``. ``past``: ``kv [n_layer, ΣP, 2H]``, the keys and values of
+    every prompt but its last token (``P_b = L_b − 1`` positions of row b, rows in order,
+    :func:`prefix_keys_values`): the prefill then runs on the last prompt position only. Call under
+    ``torch.no_grad()`` with the model in eval mode.
+    """
+
+    def __init__(self, model, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
+                 past: Tensor | None = None):
+        self.model = model
+        t = model.transformer
+        B, W = input_ids.shape
+        total = W + max_new_tokens
+        heads, dim = t.h[0].attn.num_heads, t.h[0].attn.head_dim
+        param = t.wte.weight
+        # given a past, the padding columns are never written: zeros, not whatever the memory held (a masked key's
+        # weight is 0, but 0 × NaN is NaN)
+        alloc = param.new_empty if past is None else param.new_zeros
+        self.caches = [(alloc((B, heads, total, dim)), alloc((B, heads, total, dim))) for _ in t.h]
+        self.keys_on = torch.ones((B, total), dtype=torch.bool, device=input_ids.device)
+        self.keys_on[:, :W] = attention_mask.bool()
+        positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+        self.next_position = positions[:, -1:] + 1
+        if past is None:
+            self.step_ids, self.positions, self.start = input_ids, positions, 0
+            self.mask = _padding_mask(attention_mask, W)
+        else:  # the prompts' first L_b − 1 tokens are given: columns W − L_b .. W − 2 of row b
+            pb, pt = self.keys_on[:, :W - 1].nonzero(as_tuple=True)
+            if pb.numel() != past.shape[1] or not bool(self.keys_on[:, W - 1].all()):
+                raise ValueError(f"Decoder: past holds {past.shape[1]} positions, the prompts but their last "
+                                 f"tokens {pb.numel()} (prompts must be left-padded)")
+            H = heads * dim
+            for (keys, values), kv in zip(self.caches, past):
+                keys[pb, :, pt] = kv[:, :H].view(-1, heads, dim)
+                values[pb, :, pt] = kv[:, H:].view(-1, heads, dim)
+            self.step_ids, self.positions, self.start = input_ids[:, -1:], positions[:, -1:], W - 1
+            self.mask = self.keys_on[:, None, None, :W]
+
+    def scores(self) -> Tensor:
+        """The next token's logits, ``[B, V]`` float32, after the pending tokens."""
+        t = self.model.transformer
+        h = t.wte(self.step_ids) + t.wpe(self.positions)
+        for layer, (block, cache) in enumerate(zip(t.h, self.caches)):
+            h = _attend(block, h, cache, self.start, self.mask, last_only=layer == len(t.h) - 1)
+        return self.model.lm_head(_norm(t.ln_f, h[:, -1])).float()
+
+    def append(self, token: Tensor) -> None:
+        """Take the tokens chosen for the pending step, ``[B]`` long."""
+        self.start += self.step_ids.shape[1]
+        self.step_ids, self.positions = token[:, None], self.next_position
+        self.next_position = self.next_position + 1
+        self.mask = self.keys_on[:, None, None, :self.start + 1]
+
+
+@torch.no_grad()
 def decode(model, input_ids: Tensor, attention_mask: Tensor, *, max_new_tokens: int, eos_id: int, pad_id: int,
-           processors: Sequence[Callable[[Tensor, Tensor], Tensor]] = ()) -> Tensor:
+           processors: Sequence[Callable[[Tensor, Tensor], Tensor]] = (), past: Tensor | None = None) -> Tensor:
     """``model.generate(input_ids, attention_mask=..., max_new_tokens=..., do_sample=False, eos_token_id=eos_id,
     pad_token_id=pad_id, logits_processor=processors)`` of an :func:`eligible` model, in eval mode.
 
@@ -218,27 +347,14 @@ def decode(model, input_ids: Tensor, attention_mask: Tensor, *, max_new_tokens: 
     processor ``p(ids_so_far [B, W+t], scores [B, V]) → scores`` in order (all rows, finished ones too, as
     ``generate`` does, so processors that draw random numbers consume the same stream), argmax; a row that has
     produced ``eos_id`` gets ``pad_id`` afterwards; stops when every row has ended or after ``max_new_tokens``.
-    Returns ``[B, W + n]`` (``n`` ≤ ``max_new_tokens`` steps run), like ``generate``.
+    Returns ``[B, W + n]`` (``n`` ≤ ``max_new_tokens`` steps run), like ``generate``. ``past``: the prompts' cached
+    keys and values, as :class:`Decoder` takes them.
     """
-    t = model.transformer
-    B, W = input_ids.shape
-    total = W + max_new_tokens
-    heads, dim = t.h[0].attn.num_heads, t.h[0].attn.head_dim
-    param = t.wte.weight
-    caches = [(param.new_empty((B, heads, total, dim)), param.new_empty((B, heads, total, dim))) for _ in t.h]
-    keys_on = torch.ones((B, total), dtype=torch.bool, device=input_ids.device)
-    keys_on[:, :W] = attention_mask.bool()
-    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
-    mask = _padding_mask(attention_mask, W)
-    ids, step_ids, start = input_ids, input_ids, 0
-    next_position = positions[:, -1:] + 1
-    unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
+    decoder = Decoder(model, input_ids, attention_mask, max_new_tokens, past)
+    ids = input_ids
+    unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     for step in range(max_new_tokens):
-        h = t.wte(step_ids) + t.wpe(positions)
-        for layer, (block, cache) in enumerate(zip(t.h, caches)):
-            h = _attend(block, h, cache, start, mask, last_only=layer == len(t.h) - 1)
-        last = _norm(t.ln_f, h[:, -1])
-        scores = model.lm_head(last).float()
+        scores = decoder.scores()
         for processor in processors:
             scores = processor(ids, scores)
         token = scores.argmax(-1)
@@ -247,8 +363,5 @@ def decode(model, input_ids: Tensor, attention_mask: Tensor, *, max_new_tokens: 
         unfinished &= token != eos_id
         if not bool(unfinished.any()):
             break
-        start += step_ids.shape[1]
-        step_ids, positions = token[:, None], next_position
-        next_position = next_position + 1
-        mask = keys_on[:, None, None, :start + 1]
+        decoder.append(token)
     return ids

@@ -130,7 +130,7 @@ def align_vocab(student_logits: Tensor, teacher_logits: Tensor, n_tokens: int | 
 HEAD_ONLY_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
 
 
-def counted_logits(model, input_ids: Tensor, attention_mask: Tensor, mask: Tensor) -> Tensor:
+def counted_logits(model, input_ids: Tensor, attention_mask: Tensor, mask: Tensor, past=None) -> Tensor:
     """A causal LM's logits ``[B, T, V]`` with the output layer applied only where ``mask > 0``; 0 elsewhere.
 
     ``input_ids``, ``attention_mask``, ``mask`` [B, T] (``mask``: the batch's ``loss_mask``, the positions any
@@ -140,25 +140,26 @@ def counted_logits(model, input_ids: Tensor, attention_mask: Tensor, mask: Tenso
     round-off of a matmul of another shape. Every objective reads counted positions only (cached teacher
     rows are 0 outside the mask likewise, :mod:`harness.teacher_cache`). Gradients flow through the counted
     rows. A model that is not a plain Hugging Face causal LM of :data:`HEAD_ONLY_TYPES` (a DDP/FSDP wrapper,
-    an architecture with a soft-capped head, ...) gets the full ``model(...).logits``.
+    an architecture with a soft-capped head, ...) gets the full ``model(...).logits``. ``past``: cached keys and
+    values of each row's first positions, for a plain GPT-2 (:func:`harness.gpt2_fast.counted_hidden_states`).
     """
     if not _head_only(model, input_ids, mask):
         return model(input_ids=input_ids, attention_mask=attention_mask).logits
     rows = mask > 0
-    counted = _head_rows(model, input_ids, attention_mask, rows)
+    counted = _head_rows(model, input_ids, attention_mask, rows, past)
     out = counted.new_zeros((*input_ids.shape, counted.shape[-1]))
     out[rows] = counted
     return out
 
 
-def counted_rows(model, input_ids: Tensor, attention_mask: Tensor, mask: Tensor) -> Tensor:
+def counted_rows(model, input_ids: Tensor, attention_mask: Tensor, mask: Tensor, past=None) -> Tensor:
     """The logits of the counted positions only, ``[N, V]`` in row-major order of ``mask > 0`` (N counted
     positions): the head on those rows for a model of :data:`HEAD_ONLY_TYPES` (see :func:`counted_logits`), the
-    full forward's rows for any other model."""
+    full forward's rows for any other model. ``past`` as in :func:`counted_logits`."""
     rows = mask > 0
     if not _head_only(model, input_ids, mask):
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[rows]
-    return _head_rows(model, input_ids, attention_mask, rows)
+    return _head_rows(model, input_ids, attention_mask, rows, past)
 
 
 def _head_only(model, input_ids: Tensor, mask: Tensor) -> bool:
@@ -192,13 +193,13 @@ def full_logits(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     return model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
-def _head_rows(model, input_ids: Tensor, attention_mask: Tensor, rows: Tensor) -> Tensor:
+def _head_rows(model, input_ids: Tensor, attention_mask: Tensor, rows: Tensor, past=None) -> Tensor:
     """The head on the hidden states of ``rows`` (bool [B, T]) only, ``[N, V]``; a plain GPT-2's body computes only
-    what those rows depend on (:func:`harness.gpt2_fast.counted_hidden_states`)."""
+    what those rows depend on (:func:`harness.gpt2_fast.counted_hidden_states`, given ``past`` if any)."""
     from . import gpt2_fast
 
     if gpt2_fast.eligible(model):
-        hidden = gpt2_fast.counted_hidden_states(model, input_ids, attention_mask, rows)
+        hidden = gpt2_fast.counted_hidden_states(model, input_ids, attention_mask, rows, past)
     else:
         hidden = body(model, input_ids, attention_mask)[rows]
     return model.get_output_embeddings()(hidden)

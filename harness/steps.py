@@ -255,16 +255,20 @@ def init_student(suite: Suite, seed: int, progress: bool = True) -> Path:
     return out
 
 
-def live_teacher(teacher):
+def live_teacher(teacher, prefix=None):
     """The teacher function of :func:`harness.distill.train`: ``f(batch)`` the teacher's logits [B, T, V] (0 outside
-    the loss mask), ``f.rows(batch)`` those of the counted positions only, [N, V] (:func:`harness.models.counted_rows`)."""
+    the loss mask), ``f.rows(batch)`` those of the counted positions only, [N, V] (:func:`harness.models.counted_rows`).
+    ``prefix``: the teacher's :class:`harness.teacher_prefix.PrefixCache` (its prompts' keys and values), if any."""
     from .models import counted_logits, counted_rows
 
+    def past(batch: dict):
+        return None if prefix is None else prefix.for_rows(batch, batch["loss_mask"] > 0)
+
     def teacher_logits(batch: dict) -> torch.Tensor:
-        return counted_logits(teacher, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        return counted_logits(teacher, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], past(batch))
 
     teacher_logits.rows = lambda batch: counted_rows(teacher, batch["input_ids"], batch["attention_mask"],
-                                                     batch["loss_mask"])
+                                                     batch["loss_mask"], past(batch))
     return teacher_logits
 
 
@@ -374,28 +378,37 @@ def distill(suite: Suite, recipe: Recipe, seed: int, progress: bool = True, lr_i
         hparams = {"learning_rate": read_json(suite.chosen_path(recipe.name))["learning_rate"]}
     cfg = TrainConfig(**{**suite.training.__dict__, "device": device, **(hparams or {})})
     loss = recipe.build_loss()
-    teacher_fn = teacher_model = None
+    examples = encoded_train(suite, suite.student_tokenizer_dir)
+    teacher_fn = teacher_model = prefix = None
+
+    def teacher_prefix(model):  # the teacher's prompts' keys and values, kept for the process's runs
+        from .teacher_prefix import for_teacher
+
+        return for_teacher(model, [e["input_ids"][:e["prompt_len"]] for e in examples], cfg.teacher_prefix_mb)
+
     if getattr(modes.get(recipe.mode, recipe.base_dir), "generates_with_teacher", False):  # samples the teacher
         check_same_tokenizer(teacher_tokenizer(suite), tok)
         teacher_model = load_model(teacher_source(suite), device=device)
+        prefix = teacher_prefix(teacher_model)
     if loss.needs_teacher and suite.cross_tokenizer:  # the teacher scores its own tokens live (harness.cross_tokenizer)
         from . import cross_tokenizer
 
         loss, teacher_fn, teacher_model = cross_tokenizer.teacher_side(suite, loss, device)
+        prefix = None
     elif loss.needs_teacher:
         check_same_tokenizer(teacher_tokenizer(suite), tok)
         cached = cache_settings(suite) is not None and suite.cache_path.exists()
         # A cached off-policy run never needs the teacher's weights; other modes score student samples live.
         if teacher_model is None and not (cached and not recipe.samples_student):
             teacher_model = load_model(teacher_source(suite), device=device)
-        live = None if teacher_model is None else live_teacher(teacher_model)
+            prefix = teacher_prefix(teacher_model)
+        live = None if teacher_model is None else live_teacher(teacher_model, prefix)
         if cached:
             from .teacher_cache import TeacherCache, cached_or_live
 
             teacher_fn = cached_or_live(TeacherCache.load(suite.cache_path), live)
         else:
             teacher_fn = live
-    examples = encoded_train(suite, suite.student_tokenizer_dir)
     reference = reference_batches(suite, examples, tok.pad_token_id, seed)
     if loss.needs_teacher and suite.cross_tokenizer:
         reference = cross_tokenizer.paired_reference(suite, reference, tok, teacher_tokenizer(suite))
@@ -412,6 +425,7 @@ def distill(suite: Suite, recipe: Recipe, seed: int, progress: bool = True, lr_i
         pad_id=tok.pad_token_id, seed=seed, max_steps=cfg.max_steps, grad_accum=cfg.gradient_accumulation_steps,
         world_size=int(os.environ.get("WORLD_SIZE", "1")), batch_size=cfg.per_device_train_batch_size,
         n_train=len(examples), max_length=cfg.max_length, max_new_tokens=cfg.max_new_tokens, teacher=teacher_model,
+        teacher_prefix=prefix,
         val_loss=modes.validation_loss(student, tok, valid_items, pad_id=tok.pad_token_id,
                                        max_prompt_tokens=cfg.max_prompt_tokens, max_length=cfg.max_length,
                                        batch_size=cfg.per_device_train_batch_size) if valid_items else None,

@@ -37,6 +37,8 @@ _TRAIN_LIMITS = {
     "kernel": dict(choices=("auto", "triton", "torch"),
                    help="loss kernels: auto = fused Triton forward+backward on CUDA, PyTorch elsewhere (same values)"),
     "max_new_tokens": dict(ge=1, help="sampling budget of the modes that generate (null: up to max_length)"),
+    "teacher_prefix_mb": dict(ge=0, help="MiB for a live teacher's cached prompt keys and values, reused by the "
+                              "runs of a process (harness.teacher_prefix); used only when all training prompts fit; 0: off"),
     "checkpoint_every": dict(ge=0, help="optimizer steps between resumable checkpoints (0: none)"),
     "log_every": dict(ge=1, help="optimizer steps between logged losses"),
     "report_to": dict(choices=("none", "tensorboard"), help="live training curves: tensorboard writes "

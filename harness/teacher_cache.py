@@ -330,7 +330,7 @@ def cached_or_live(cache: TeacherCache, live: Callable[[dict], Tensor] | None) -
         return {"loss_mask": batch["loss_mask"][rows], "example_ids": torch.as_tensor(batch["cached_example_ids"])}
 
     def live_part(batch: dict, others: Tensor) -> dict:
-        return {k: batch[k][others] for k in ("input_ids", "attention_mask", "loss_mask")}
+        return {k: batch[k][others] for k in ("input_ids", "attention_mask", "loss_mask", "prompt_len") if k in batch}
 
     def teacher_logits(batch: dict) -> Tensor:
         how = route(batch)

@@ -22,6 +22,7 @@ class TrainConfig:
     chunk_size: int | None = None
     kernel: str = "auto"  # loss kernels: auto (Triton on CUDA, PyTorch elsewhere) | triton | torch
     max_new_tokens: int | None = None  # sampling budget of the modes that generate (None: up to max_length)
+    teacher_prefix_mb: int = 1024  # memory for a frozen teacher's prompt keys/values (harness.teacher_prefix; 0: off)
     checkpoint_every: int = 0  # optimizer steps between resumable checkpoints (0: only at the end)
     log_every: int = 10
     report_to: str = "none"  # "tensorboard": live curves under <run dir>/tensorboard (HF Trainer's convention)

@@ -223,3 +223,108 @@ def test_a_generation_config_that_adds_processors_keeps_the_library_path():
     assert gpt2_fast.plain_generation_config(model)
     model.generation_config.repetition_penalty = 1.3
     assert not gpt2_fast.plain_generation_config(model)
+
+
+# ------------------------------------------------------------------------------------------ cached prefixes (past)
+def _library_keys_values(model, ids):
+    """Keys | values [n_layer, L, 2H] of one row, from the library's own KV cache."""
+    cache = model(input_ids=ids[None], use_cache=True).past_key_values
+    out = []
+    for layer in cache.layers:
+        k, v = layer.keys[0], layer.values[0]  # [heads, L, D]
+        out.append(torch.cat([k.transpose(0, 1).flatten(1), v.transpose(0, 1).flatten(1)], dim=-1))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_prefix_keys_values_equal_the_library_cache(layers):
+    model = _gpt2(layers=layers).double().eval()
+    ids = torch.tensor([5, 9, 3, 17, 22, 8, 4])
+    with torch.no_grad():
+        ref = _library_keys_values(model, ids)
+    new = gpt2_fast.prefix_keys_values(model, ids)
+    assert new.shape == (layers, 7, 64)
+    torch.testing.assert_close(new, ref, rtol=1e-12, atol=1e-12)
+    assert gpt2_fast.prefix_keys_values(model, ids[:0]).shape == (layers, 0, 64)
+
+
+def _prompt_rows(mask, response=4):
+    """Right-padded rows whose last ``response`` real positions are counted; the prompt ends one before."""
+    lengths = mask.sum(1)
+    prompt_len = (lengths - response).clamp_min(1)
+    rows = torch.zeros_like(mask, dtype=torch.bool)
+    for b, (p, n) in enumerate(zip(prompt_len.tolist(), lengths.tolist())):
+        rows[b, p - 1: n - 1] = True
+    return prompt_len, rows
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_counted_hidden_states_from_cached_prefixes_equal_the_library(layers):
+    """Each row's first positions given as keys and values (some rows none, one row counting nothing): the hidden
+    states of the counted positions equal the library's full forward (float64)."""
+    model = _gpt2(layers=layers).double().eval()
+    ids, mask = _batch(B=7, T=14, pad_right=True)
+    prompt_len, rows = _prompt_rows(mask)
+    rows[3] = False  # counts nothing: no prefix, no work
+    prefix = (prompt_len - 1).masked_fill(~rows.any(1), 0)
+    prefix[5] = 0  # a row computed in full
+    with torch.no_grad():
+        ref = model.transformer(input_ids=ids, attention_mask=mask)[0][rows]
+        kv = torch.cat([gpt2_fast.prefix_keys_values(model, ids[b, :n]) for b, n in enumerate(prefix.tolist())], 1)
+        new = gpt2_fast.counted_hidden_states(model, ids, mask, rows, (prefix, kv))
+    torch.testing.assert_close(new, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_counted_hidden_states_refuse_a_counted_position_inside_the_prefix():
+    model = _gpt2().eval()
+    ids, mask = _batch(B=2, T=8)
+    rows = torch.zeros_like(mask, dtype=torch.bool)
+    rows[:, 2:5] = True
+    prefix = torch.tensor([3, 2])  # row 0's counted position 2 lies in its prefix
+    kv = torch.cat([gpt2_fast.prefix_keys_values(model, ids[b, :n]) for b, n in enumerate(prefix.tolist())], 1)
+    with pytest.raises(ValueError, match="inside its row's given prefix"):
+        gpt2_fast.counted_hidden_states(model, ids, mask, rows, (prefix, kv))
+    with pytest.raises(ValueError, match="past holds"):
+        gpt2_fast.counted_hidden_states(model, ids, mask, rows, (torch.tensor([2, 2]), kv))
+
+
+def test_a_cached_prefix_removes_the_prompts_work():
+    """With every prompt's keys and values given, the forward's matmuls cover the last prompt token and the response
+    only: well under half of the work without them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = _gpt2(layers=3).eval()
+    ids, mask = _batch(B=8, T=24, pad_right=True)
+    prompt_len, rows = _prompt_rows(mask, response=3)
+    prefix = prompt_len - 1
+    kv = torch.cat([gpt2_fast.prefix_keys_values(model, ids[b, :n]) for b, n in enumerate(prefix.tolist())], 1)
+    with torch.no_grad(), FlopCounterMode(display=False) as plain:
+        gpt2_fast.counted_hidden_states(model, ids, mask, rows)
+    with torch.no_grad(), FlopCounterMode(display=False) as cached:
+        gpt2_fast.counted_hidden_states(model, ids, mask, rows, (prefix, kv))
+    assert cached.get_total_flops() < 0.4 * plain.get_total_flops()
+
+
+@pytest.mark.parametrize("sampling", [False, True])
+def test_decode_from_cached_prompts_equals_decode(sampling):
+    """The prompts' keys and values given (all but each prompt's last token): the same tokens as decoding them."""
+    from harness.draw import sampling_processors
+
+    model = _gpt2(vocab=12, seed=3).double().eval()  # float64: no argmax or draw flips on round-off
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 12, (n,), generator=g).tolist() for n in (3, 7, 5, 1, 6, 7, 2, 4)]
+    ids, mask = _left_padded(prompts)
+
+    def run(past):
+        draws = sampling_processors(0.8, 0, 0.95, torch.Generator().manual_seed(7)) if sampling else []
+        return gpt2_fast.decode(model, ids, mask, max_new_tokens=10, eos_id=2, pad_id=0, processors=draws,
+                                past=past)
+
+    past = torch.cat([gpt2_fast.prefix_keys_values(model, torch.tensor(p[:-1])) for p in prompts], dim=1)
+    want = run(None)
+    for _ in range(3):  # freed NaN memory of the caches' size [8, 4, 17, 8]: padding columns must not read it
+        poison = [torch.full((8, 4, 17, 8), float("nan"), dtype=torch.float64) for _ in range(4)]
+        del poison
+        assert torch.equal(run(past), want)
+    with pytest.raises(ValueError, match="past holds"):
+        run(past[:, 1:])

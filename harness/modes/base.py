@@ -60,6 +60,9 @@ class ModeContext:
     teacher
         The teacher model, for the modes that sample from it (``generates_with_teacher``: ``seq_kd``,
         ``distillm2``); ``None`` otherwise. It is only sampled from (eval mode, no gradient), never trained.
+    teacher_prefix
+        The teacher's :class:`harness.teacher_prefix.PrefixCache` (its prompts' keys and values, computed once per
+        process) when it is served, for the samplers to skip the teacher's prefill; ``None`` otherwise.
     val_loss
         ``val_loss() -> float``: the student's loss on the validation set (see
         :func:`harness.modes.validation_loss`), for the modes whose :attr:`BatchSource.needs_val_loss` is true.
@@ -81,6 +84,7 @@ class ModeContext:
     max_new_tokens: int | None = None
     val_loss: Callable[[], float] | None = None
     teacher: Any = None
+    teacher_prefix: Any = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):

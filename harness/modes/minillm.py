@@ -20,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+from .. import gpt2_fast
 from ..data.batching import collate
 from ..draw import categorical
 from ..schema import ConfigError, Field
@@ -54,9 +55,48 @@ def _context(model) -> int | None:
     return n if isinstance(n, int) and n > 0 else None
 
 
+class _LibraryDecoder:
+    """:class:`harness.gpt2_fast.Decoder`'s interface over a model's own ``forward`` with its KV cache (any causal
+    LM): position ids from the attention mask where ``forward`` takes them, ``logits_to_keep=1`` where it can."""
+
+    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        self.model, self.keys = model, _forward_keys(model)
+        self.step_ids, self.attention_mask = input_ids, attention_mask
+        self.positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+        self.past = None
+
+    def scores(self) -> torch.Tensor:
+        cache_key, takes_pos, takes_keep = self.keys
+        kwargs = {"input_ids": self.step_ids, "attention_mask": self.attention_mask, "use_cache": True}
+        if self.past is not None:
+            kwargs[cache_key] = self.past
+        if takes_pos:
+            kwargs["position_ids"] = self.positions
+        if takes_keep:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(**kwargs)
+        self.past = _cache_of(out)
+        return out.logits[:, -1, :].float()
+
+    def append(self, token: torch.Tensor) -> None:
+        B = token.shape[0]
+        self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones((B, 1))], dim=1)
+        self.step_ids, self.positions = token[:, None], self.positions[:, -1:] + 1
+
+
+def _decoder(model, input_ids, attention_mask, budget: int, prompts, prefix=None):
+    """A one-step-at-a-time decoder of ``model`` over the left-padded ``prompts``: :class:`harness.gpt2_fast.Decoder`
+    for a plain GPT-2 (from the prompts' cached keys and values when ``prefix``, a
+    :class:`harness.teacher_prefix.PrefixCache`, is given), the model's own forward otherwise."""
+    if not gpt2_fast.eligible(model):
+        return _LibraryDecoder(model, input_ids, attention_mask)
+    past = None if prefix is None else prefix.for_prompts(prompts, input_ids.device)
+    return gpt2_fast.Decoder(model, input_ids, attention_mask, budget, past)
+
+
 def mixed_sample_rows(student, teacher, prompts: Sequence[Sequence[int]], *, mix_alpha: float, eos_id: int,
                       pad_id: int, temperature: float, max_new_tokens: int | None, max_length: int,
-                      seed: int, timings: dict | None = None) -> list[dict]:
+                      seed: int, timings: dict | None = None, teacher_prefix=None) -> list[dict]:
     """Sample one response per prompt from the token-level mixture ``(1 − α)·q + α·p`` (q: student, p: teacher,
     both ``softmax(logits / temperature)``), batched, with a KV cache for each model; return rows.
 
@@ -69,7 +109,8 @@ def mixed_sample_rows(student, teacher, prompts: Sequence[Sequence[int]], *, mix
     (log q(y_t)), ``teacher_logprobs`` (log p(y_t)) and ``mix_weight`` = ``q(y_t) / ((1 − α) q(y_t) + α p(y_t))``,
     MiniLLM's importance weight of the token. A vocabulary narrower than the other model's is padded with
     zero-probability columns. ``timings``: a dict whose ``student_s`` / ``teacher_s`` get the seconds of each
-    model's forwards added (synchronised on CUDA).
+    model's forwards added (synchronised on CUDA). A plain GPT-2 decodes through :class:`harness.gpt2_fast.Decoder`
+    (the teacher from its cached prompts when ``teacher_prefix`` is given), any other model through its forward.
     """
     if not prompts:
         raise ValueError("mixed_sample_rows needs at least one prompt")
@@ -95,10 +136,7 @@ def mixed_sample_rows(student, teacher, prompts: Sequence[Sequence[int]], *, mix
         ids[b, width - len(p):] = torch.tensor(p, dtype=torch.long)
         attn[b, width - len(p):] = 1
     ids, attn = ids.to(device), attn.to(device)
-    pos = (attn.cumsum(-1) - 1).clamp_min(0)
     models = (student, teacher)
-    keys = [_forward_keys(m) for m in models]
-    past: list = [None, None]
     generator = torch.Generator(device=device)
     generator.manual_seed(int(seed) % (2**63))
     tokens, log_q_tok, log_p_tok = [], [], []
@@ -108,27 +146,21 @@ def mixed_sample_rows(student, teacher, prompts: Sequence[Sequence[int]], *, mix
         m.eval()
     try:
         with torch.no_grad():
-            step_ids, step_pos = ids, pos
-            for _ in range(budget):
+            decoders = [_decoder(student, ids, attn, budget, prompts),
+                        _decoder(teacher, ids, attn, budget, prompts, teacher_prefix)]
+            for step in range(budget):
                 logps = []
-                for k, m in enumerate(models):
-                    cache_key, takes_pos, takes_keep = keys[k]
-                    kwargs = {"input_ids": step_ids, "attention_mask": attn, "use_cache": True}
-                    if past[k] is not None:
-                        kwargs[cache_key] = past[k]
-                    if takes_pos:
-                        kwargs["position_ids"] = step_pos
-                    if takes_keep:
-                        kwargs["logits_to_keep"] = 1
+                for k, decoder in enumerate(decoders):
                     start = time.perf_counter()
-                    out = m(**kwargs)
+                    if step:
+                        decoder.append(tok)
+                    logits = decoder.scores()
                     if timings is not None:
                         if device.type == "cuda":
                             torch.cuda.synchronize(device)
                         key = ("student_s", "teacher_s")[k]
                         timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
-                    past[k] = _cache_of(out)
-                    logps.append(torch.log_softmax(out.logits[:, -1, :].float() / temperature, dim=-1))
+                    logps.append(torch.log_softmax(logits / temperature, dim=-1))
                 log_q, log_p = logps
                 width_v = max(log_q.shape[-1], log_p.shape[-1])
                 log_q, log_p = (torch.nn.functional.pad(x, (0, width_v - x.shape[-1]), value=float("-inf"))
@@ -142,8 +174,6 @@ def mixed_sample_rows(student, teacher, prompts: Sequence[Sequence[int]], *, mix
                 finished = finished | (tok == eos_id)
                 if bool(finished.all()):
                     break
-                attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=1)
-                step_ids, step_pos = tok[:, None], step_pos[:, -1:] + 1
     finally:
         for m, was in zip(models, modes):
             m.train(was)
@@ -269,7 +299,8 @@ class MiniLLMSampling(SamplingSource):
         rows = mixed_sample_rows(self.ctx.student, self.ctx.teacher, prompts, mix_alpha=self.mix_alpha,
                                  eos_id=self.eos_id, pad_id=self.pad_id, temperature=self.temperature,
                                  max_new_tokens=self.ctx.max_new_tokens, max_length=self.ctx.max_length,
-                                 seed=torch_seed(self.ctx.seed, i, STREAM_GENERATE), timings=split)
+                                 seed=torch_seed(self.ctx.seed, i, STREAM_GENERATE), timings=split,
+                                 teacher_prefix=self.ctx.teacher_prefix)
         self._time("generation_s", time.perf_counter() - start)
         self._time("teacher_generation_s", split.get("teacher_s", 0.0))
         self.sampled["samples"] += len(rows)

@@ -27,7 +27,7 @@ from .base import STREAM_GENERATE, BatchSource, ModeContext, torch_seed
 
 def sample_rows(model, prompts: Sequence[Sequence[int]], *, eos_id: int, pad_id: int, temperature: float,
                 max_new_tokens: int | None, max_length: int, seed: int, top_k: int = 0,
-                top_p: float = 1.0) -> list[dict]:
+                top_p: float = 1.0, prefix=None) -> list[dict]:
     """Sample one response per prompt from ``model`` in one batched ``generate`` call (KV cache); return rows.
 
     Prompts are left-padded; the token budget is ``max_length − longest prompt``, further capped by
@@ -39,7 +39,8 @@ def sample_rows(model, prompts: Sequence[Sequence[int]], *, eos_id: int, pad_id:
     from a generator seeded with ``seed``; the global RNG is untouched) through ``generate`` run greedy on
     :func:`harness.draw.sampling_processors`. Each row is ``prompt + sample cut after its first eos`` with
     ``prompt_len = len(prompt)``, ``sample_len`` and ``ended_with_eos``. The model is put in eval mode for the
-    call (no dropout; DistiLLM's ``SampleGenerator`` does the same) and its mode restored.
+    call (no dropout; DistiLLM's ``SampleGenerator`` does the same) and its mode restored. ``prefix``: the model's
+    :class:`harness.teacher_prefix.PrefixCache` (a frozen teacher's prompts, computed once), if any.
     """
     from transformers import GenerationConfig, LogitsProcessorList
 
@@ -74,8 +75,9 @@ def sample_rows(model, prompts: Sequence[Sequence[int]], *, eos_id: int, pad_id:
     try:
         with torch.no_grad():
             if gpt2_fast.eligible(model):  # the same decoding without the library's per-step overhead
+                past = None if prefix is None else prefix.for_prompts(prompts, device)
                 out = gpt2_fast.decode(model, input_ids.to(device), attention_mask.to(device), max_new_tokens=budget,
-                                       eos_id=eos_id, pad_id=pad_id, processors=processors)
+                                       eos_id=eos_id, pad_id=pad_id, processors=processors, past=past)
             else:
                 out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                      generation_config=generation, logits_processor=processors)

@@ -52,7 +52,7 @@ class TeacherSampling(SamplingSource):
         rows = sample_rows(self.ctx.teacher, prompts, eos_id=self.eos_id, pad_id=self.pad_id,
                            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                            max_new_tokens=self.ctx.max_new_tokens, max_length=self.ctx.max_length,
-                           seed=torch_seed(self.ctx.seed, i, STREAM_TEACHER))
+                           seed=torch_seed(self.ctx.seed, i, STREAM_TEACHER), prefix=self.ctx.teacher_prefix)
         seconds = time.perf_counter() - start
         self._time("generation_s", seconds)
         self._time("teacher_generation_s", seconds)
