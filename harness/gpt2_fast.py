@@ -145,25 +145,53 @@ def hidden_states(model, input_ids: Tensor, attention_mask: Tensor | None = None
     return _norm(t.ln_f, h)
 
 
+def _query_slots(qb: Tensor, qt: Tensor, B: int, width: int, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Queries at positions ``(qb, qt)`` (row-major) of a ``[B, width]`` batch, laid out as ``[B, S]`` slots (S: the
+    most queries of a row): ``slot`` [N] (the j-th query of its row) and ``allowed`` bool [B, 1, S, width], causal ∧
+    key-not-padding for each query (a slot a row does not use sits at the last key and attends to itself: never
+    NaN)."""
+    counts = torch.bincount(qb, minlength=B)
+    slot = torch.arange(qb.numel(), device=qb.device) - (counts.cumsum(0) - counts)[qb]
+    at = torch.full((B, int(counts.max())), width - 1, dtype=torch.long, device=qb.device).index_put((qb, slot), qt)
+    keys = torch.arange(width, device=qb.device)
+    allowed = ((keys <= at[..., None]) & attention_mask[:, None, :width].bool()) | (keys == at[..., None])
+    return slot, allowed[:, None]
+
+
+def _attend_slots(attn, q: Tensor, kv: Tensor, qb: Tensor, slots: tuple[Tensor, Tensor]) -> Tensor:
+    """Attention of the queries ``q`` [N, H] at rows ``qb`` and ``slots`` (:func:`_query_slots`) over the keys |
+    values ``kv`` [B, W, 2H] → their outputs, heads concatenated, [N, H]."""
+    slot, allowed = slots
+    B, W, H = kv.shape[0], kv.shape[1], q.shape[-1]
+    heads, dim = attn.num_heads, attn.head_dim
+    q = q.new_zeros((B, allowed.shape[2], H)).index_put((qb, slot), q).view(B, -1, heads, dim).transpose(1, 2)
+    k, v = kv.view(B, W, 2, heads, dim).permute(2, 0, 3, 1, 4)  # [B, heads, W, D] each
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=attn.scaling)
+    return o.transpose(1, 2)[qb, slot].reshape(-1, H)
+
+
 def _attend_packed(block, h: Tensor, where: tuple[Tensor, Tensor], shape: tuple[int, int],
                    mask: Tensor | None, given: tuple[tuple[Tensor, Tensor], Tensor] | None = None,
-                   record: Tensor | None = None) -> Tensor:
+                   record: Tensor | None = None, slots: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """One block on packed tokens: ``h`` [M, H] are the tokens at ``where = (rows, columns)`` (row-major) of a
     ``[B, W]`` batch (``shape``); every per-token operation runs on the M tokens only, attention on their keys and
     values scattered back into ``[B, heads, W, D]`` (positions that are neither packed nor given are zeros no
     packed query reads: :func:`counted_hidden_states` packs every position up to the last one read). ``given``:
     ``((rows, columns), kv)``, the keys | values ``kv`` [P, 2H] of P other positions of the batch (a cached
-    prefix), written into the attention's keys and values. ``record`` [M, 2H]: receives the packed tokens' keys |
-    values. ``mask`` as in :func:`_attend`."""
+    prefix), written into the attention's keys and values; then ``slots`` (:func:`_query_slots` of the packed
+    tokens) lays out the queries, so attention runs for the packed positions only. ``record`` [M, 2H]: receives the
+    packed tokens' keys | values. ``mask`` as in :func:`_attend` (without ``given``)."""
     attn = block.attn
     H = h.shape[-1]
     qkv = torch.addmm(attn.c_attn.bias, _norm(block.ln_1, h), attn.c_attn.weight)
     if record is not None:
         record.copy_(qkv[:, H:])
-    qkv = h.new_zeros((*shape, 3 * H)).index_put(where, qkv)
     if given is not None:
-        (gb, gt), kv = given
-        qkv[gb, gt, H:] = kv
+        kv = h.new_zeros((*shape, 2 * H)).index_put(where, qkv[:, H:])
+        (gb, gt), kv_given = given
+        kv[gb, gt] = kv_given
+        return _finish(block, h, _attend_slots(attn, qkv[:, :H], kv, where[0], slots))
+    qkv = h.new_zeros((*shape, 3 * H)).index_put(where, qkv)
     q, k, v = qkv.view(*shape, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=attn.scaling)
     return _finish(block, h, o.transpose(1, 2)[where].reshape(-1, H))
@@ -184,9 +212,9 @@ def counted_hidden_states(model, input_ids: Tensor, attention_mask: Tensor | Non
     always on); equal up to float round-off (the matmuls have other shapes), gradients likewise (tests).
 
     ``past``: ``(prefix [B] long, kv [n_layer, ΣP, 2H])``, the keys and values of each row's first ``prefix[b]``
-    positions at every block (rows in order, :func:`prefix_keys_values` of those tokens): the blocks then run on
-    positions ``prefix[b]..last[b]`` only (a frozen teacher's prompt, computed once and reused). Every counted
-    position must be at or after its row's prefix.
+    positions at every block (rows in order, :func:`keys_values` of those tokens): the blocks then run on positions
+    ``prefix[b]..last[b]`` only, queries included (a frozen teacher's prompt, computed once and reused). Every
+    counted position must be at or after its row's prefix.
     """
     rows = rows.bool()
     B, T = input_ids.shape
@@ -202,7 +230,7 @@ def counted_hidden_states(model, input_ids: Tensor, attention_mask: Tensor | Non
     width = int(last.max()) + 1
     shape = (B, width)
     kept = position[None, :width] <= last[:, None]
-    given = None
+    given = mask = slots = None
     if past is not None:
         prefix, kv = past
         prefix = prefix.to(device)
@@ -215,33 +243,29 @@ def counted_hidden_states(model, input_ids: Tensor, attention_mask: Tensor | Non
                              f"{given[0].numel()}")
         kept = kept & ~before
     kb, kt = kept.nonzero(as_tuple=True)  # the packed tokens, row-major
-    mask = _padding_mask(attention_mask[:, :width], width)
+    if given is None:
+        mask = _padding_mask(attention_mask[:, :width], width)
+    else:
+        slots = _query_slots(kb, kt, B, width, attention_mask)
     h = t.wte(input_ids[kb, kt]) + t.wpe(kt)  # [M, H]
     for layer, block in enumerate(t.h[:-1]):
-        h = _attend_packed(block, h, (kb, kt), shape, mask, None if given is None else (given, kv[layer]))
+        h = _attend_packed(block, h, (kb, kt), shape, mask, None if given is None else (given, kv[layer]),
+                           slots=slots)
 
     block = t.h[-1]
     attn = block.attn
-    H, heads, dim = h.shape[-1], attn.num_heads, attn.head_dim
+    H = h.shape[-1]
     x = _norm(block.ln_1, h)
     weight, bias = attn.c_attn.weight, attn.c_attn.bias  # Conv1D [H, 3H]: columns q | k | v
     kv_last = h.new_zeros((*shape, 2 * H)).index_put((kb, kt), torch.addmm(bias[H:], x, weight[:, H:]))
     if given is not None:
         kv_last[given] = kv[-1]
-    k, v = kv_last.view(*shape, 2, heads, dim).permute(2, 0, 3, 1, 4)  # [B, heads, W, D] each
     packed = torch.empty(shape, dtype=torch.long, device=device)
     packed[kb, kt] = torch.arange(kb.numel(), device=device)
     counted = packed[rb, rt]  # the counted positions among the packed tokens
-    slot = rows.long().cumsum(1)[rb, rt] - 1  # the j-th counted position of its row
-    queries = (B, int(slot.max()) + 1)
     q = torch.addmm(bias[:H], x[counted], weight[:, :H])
-    q = q.new_zeros((*queries, H)).index_put((rb, slot), q).view(*queries, heads, dim).transpose(1, 2)
-    # a query slot a row does not use sits at the last key (never NaN: it attends to itself)
-    at = torch.full(queries, width - 1, dtype=torch.long, device=device).index_put((rb, slot), rt)
-    keys = position[:width]
-    allowed = ((keys <= at[..., None]) & attention_mask[:, None, :width].bool()) | (keys == at[..., None])
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], scale=attn.scaling)
-    return _norm(t.ln_f, _finish(block, h[counted], o.transpose(1, 2)[rb, slot].reshape(-1, H)))
+    o = _attend_slots(attn, q, kv_last, rb, _query_slots(rb, rt, B, width, attention_mask))
+    return _norm(t.ln_f, _finish(block, h[counted], o))
 
 
 @torch.no_grad()
