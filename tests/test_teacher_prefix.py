@@ -143,3 +143,62 @@ def test_mixed_samples_equal_with_cached_prompts_and_through_the_library(setup, 
         for a, b in zip(other, fast):
             for key in ("student_logprobs", "teacher_logprobs", "mix_weight"):
                 assert a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+def _smoke_suite(tmp_path, recipe, prefix_mb=None):
+    import yaml
+
+    from harness import steps
+    from harness.suite import load_suite
+    from tests.conftest import REPO
+
+    cfg = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
+    cfg.pop("tuning", None)
+    cfg.update(workdir=str(tmp_path / "work"), results=str(tmp_path / "results"), recipes=[recipe], seeds=[1])
+    cfg["training"].update(max_steps=4, log_every=1)
+    if prefix_mb is not None:
+        cfg["training"]["teacher_prefix_mb"] = prefix_mb
+    path = tmp_path / f"suite-{prefix_mb}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    suite = load_suite(path)
+    if not (tmp_path / "work").exists():
+        steps.prepare_data(suite)
+        steps.prepare_tokenizer(suite)
+        steps.prepare_teacher(suite, progress=False)
+        steps.build_teacher_cache(suite, progress=False)
+        steps.init_student(suite, 1)
+    return suite
+
+
+@pytest.mark.parametrize("recipe", ["seqkd", "minillm"])
+def test_distill_scores_and_samples_the_teacher_from_its_cached_prompts(tmp_path, monkeypatch, recipe):
+    """A run through harness.steps.distill uses the cache for the live teacher's forward and its sampling; a second
+    run in the same process (the cache warm) gives the same bits; without the cache (teacher_prefix_mb: 0) the same
+    losses up to round-off."""
+    import json
+
+    from harness import steps
+    from harness import teacher_prefix as tp
+
+    used = {"rows": 0, "prompts": 0}
+    for name, key in (("for_rows", "rows"), ("for_prompts", "prompts")):
+        real = getattr(tp.PrefixCache, name)
+        monkeypatch.setattr(tp.PrefixCache, name, lambda self, *a, _r=real, _k=key, **k: used.__setitem__(
+            _k, used[_k] + 1) or _r(self, *a, **k))
+
+    def run(suite):
+        out = steps.distill(suite, suite.recipes()[recipe], 1, progress=False)
+        record = json.loads((out / "run.json").read_text())
+        assert record["status"] == "ok", record.get("error")
+        (out / "run.json").unlink()
+        return [v for _, v in record["curve"]]
+
+    suite = _smoke_suite(tmp_path, recipe)
+    first = run(suite)
+    assert used["rows"] > 0 and used["prompts"] > 0
+    assert run(suite) == first  # the process's cache is warm now: same bits
+    used.update(rows=0, prompts=0)
+    plain = run(_smoke_suite(tmp_path, recipe, prefix_mb=0))
+    assert used == {"rows": 0, "prompts": 0}
+    assert plain == pytest.approx(first, rel=1e-4)
