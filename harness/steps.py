@@ -356,7 +356,7 @@ def distill(suite: Suite, recipe: Recipe, seed: int, progress: bool = True, lr_i
     ``reuse_search``: a final run that the search already trained with the same inputs
     (:func:`reusable_search_run`) is copied from it rather than trained again.
     """
-    from . import modes
+    from . import modes, teacher_prefix
     from .distill import TrainingFailed, TrainResult, disable_dropout, train
     from .models import check_same_tokenizer
 
@@ -379,17 +379,12 @@ def distill(suite: Suite, recipe: Recipe, seed: int, progress: bool = True, lr_i
     cfg = TrainConfig(**{**suite.training.__dict__, "device": device, **(hparams or {})})
     loss = recipe.build_loss()
     examples = encoded_train(suite, suite.student_tokenizer_dir)
+    prompts = [e["input_ids"][:e["prompt_len"]] for e in examples]  # what a live teacher caches (teacher_prefix)
     teacher_fn = teacher_model = prefix = None
-
-    def teacher_prefix(model):  # the teacher's prompts' keys and values, kept for the process's runs
-        from .teacher_prefix import for_teacher
-
-        return for_teacher(model, [e["input_ids"][:e["prompt_len"]] for e in examples], cfg.teacher_prefix_mb)
-
     if getattr(modes.get(recipe.mode, recipe.base_dir), "generates_with_teacher", False):  # samples the teacher
         check_same_tokenizer(teacher_tokenizer(suite), tok)
         teacher_model = load_model(teacher_source(suite), device=device)
-        prefix = teacher_prefix(teacher_model)
+        prefix = teacher_prefix.for_teacher(teacher_model, prompts, cfg.teacher_prefix_mb)
     if loss.needs_teacher and suite.cross_tokenizer:  # the teacher scores its own tokens live (harness.cross_tokenizer)
         from . import cross_tokenizer
 
@@ -401,7 +396,7 @@ def distill(suite: Suite, recipe: Recipe, seed: int, progress: bool = True, lr_i
         # A cached off-policy run never needs the teacher's weights; other modes score student samples live.
         if teacher_model is None and not (cached and not recipe.samples_student):
             teacher_model = load_model(teacher_source(suite), device=device)
-            prefix = teacher_prefix(teacher_model)
+            prefix = teacher_prefix.for_teacher(teacher_model, prompts, cfg.teacher_prefix_mb)
         live = None if teacher_model is None else live_teacher(teacher_model, prefix)
         if cached:
             from .teacher_cache import TeacherCache, cached_or_live

@@ -34,8 +34,9 @@ from . import gpt2_fast
 
 __all__ = ["PrefixCache", "for_teacher", "estimate_bytes"]
 
-#: caches alive in this process, by the teacher's weights (a job reloads the same teacher for each of its runs)
-_CACHES: dict[str, "PrefixCache"] = {}
+#: caches alive in this process, by the teacher's weights and the prompts they were filled with (a job reloads the
+#: same teacher for each of its runs)
+_CACHES: dict[tuple[str, str], "PrefixCache"] = {}
 
 
 def _bytes_per_token(model) -> int:
@@ -54,6 +55,10 @@ def _weights_digest(model) -> str:
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def _prompts_digest(prompts: Sequence[Sequence[int]]) -> str:
+    return hashlib.blake2b(repr([list(p) for p in prompts]).encode(), digest_size=16).hexdigest()
 
 
 #: prompts per batch when a cache is filled (fixed, so the values are the same bits in every process)
@@ -137,12 +142,13 @@ def for_teacher(model, prompts: Sequence[Sequence[int]], budget_mb: int) -> Pref
     """The process's prefix cache of ``model`` (a frozen teacher), filled with ``prompts`` (the training prompts,
     token lists), or ``None`` when it is not served: budget 0, a model :func:`harness.gpt2_fast` does not compute,
     or prompts whose keys and values would not all fit ``budget_mb`` MiB. The same weights reloaded (the next run
-    of a job) get the same cache."""
+    of a job) with the same prompts get the same cache; other prompts get a cache of their own (a prompt's values
+    depend on the batch it was filled in)."""
     if budget_mb <= 0 or not prompts or not gpt2_fast.eligible(model):
         return None
     if estimate_bytes(model, [len(p) for p in prompts]) > budget_mb * 2**20:
         return None
-    key = _weights_digest(model)
+    key = (_weights_digest(model), _prompts_digest(prompts))
     cache = _CACHES.get(key)
     if cache is None:
         cache = _CACHES[key] = PrefixCache(model, prompts)

@@ -90,6 +90,8 @@ def test_the_cache_is_served_within_its_budget_and_for_the_same_weights(setup, m
     assert isinstance(cache, PrefixCache)
     assert set(cache.store) == {tuple(p[:-1]) for p in prompts}  # filled with the training prompts
     assert for_teacher(copy.deepcopy(teacher), prompts, 1) is cache  # reloaded, same weights: the same cache
+    other = for_teacher(teacher, prompts[:10], 1)  # other prompts (another suite): filled in other batches
+    assert other is not cache and set(other.store) == {tuple(p[:-1]) for p in prompts[:10]}
     changed = copy.deepcopy(teacher)
     with torch.no_grad():
         changed.lm_head.weight[0, 0] += 1.0
