@@ -111,6 +111,7 @@ rule data:
     output: [W / "data" / f"{split}.jsonl" for split in ("train", "valid", "test") if SUITE.data["kind"] == "tiny" or SUITE.data.get(split) is not None]
     params: fp=FP.data()
     log: W / "logs" / "data.log"
+    benchmark: W / "benchmarks" / "data.tsv"
     shell: USAGE + " {CLI} data {ARGS} > {log} 2>&1"
 
 
@@ -119,6 +120,7 @@ rule tokenizer:
     output: [W / "tokenizer" / "tokenizer.json"] + ([SUITE.student_tokenizer_dir / "tokenizer.json"] if SUITE.cross_tokenizer else [])
     params: fp=FP.tokenizer(), student=digest(SUITE.student["tokenizer"])  # the student's own tokenizer, if any
     log: W / "logs" / "tokenizer.log"
+    benchmark: W / "benchmarks" / "tokenizer.tsv"
     shell: USAGE + " {CLI} tokenizer {ARGS} > {log} 2>&1"
 
 

@@ -443,6 +443,42 @@ def test_timings_table_sums_benchmarks_per_rule(tmp_path):
     assert "| **all jobs** | 3 | 19.5 | | 12.0 | |" in table
 
 
+def test_schedule_from_job_intervals():
+    """Span, cores, the work bound and idle core-seconds of hand-made intervals (computed here by hand)."""
+    from harness.timings import schedule
+
+    # two cores: a teacher 0-10 beside inits 0-4 and 4-10; then a lone job 10-13 (3 idle core-s), a gap 13-14 (2),
+    # then two jobs 14-20; a 0.2 s overlap of three jobs (a benchmark file written after the next job started)
+    jobs = [("teacher", 0.0, 10.0), ("student_init", 0.0, 4.0), ("student_init", 4.0, 10.2), ("tune", 10.0, 13.0),
+            ("distill", 14.0, 20.0), ("distill", 14.0, 20.0)]
+    s = schedule([(r, a + 1000.0, b + 1000.0) for r, a, b in jobs])
+    assert s["cores"] == 2 and s["jobs"] == 6 and s["span"] == 20.0
+    assert s["work"] == pytest.approx(10 + 4 + 6.2 + 3 + 12) and s["bound"] == pytest.approx(35.2 / 2)
+    assert s["idle"] == pytest.approx(0.0 + (13 - 10.2) * 1 + 1 * 2) and s["idle_teacher"] == 0.0
+    assert s["teacher_s"] == 10.0 and s["rules"]["tune"] == (10.0, 13.0)
+    assert s["rules"]["student_init"] == pytest.approx((0.0, 10.2))
+    lone = schedule([("teacher", 0.0, 10.0), ("tune", 10.0, 12.0), ("tune", 11.0, 12.0)])
+    assert lone["cores"] == 2 and lone["idle_teacher"] == 10.0 and lone["idle"] == pytest.approx(11.0)
+
+
+def test_timings_table_says_when_jobs_ran_from_file_times(tmp_path):
+    import os
+
+    from harness.timings import job_intervals, timings_table
+
+    head = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+    for name, s, end in (("teacher", 30.0, 1030.0), ("student_init_1", 10.0, 1010.0), ("distill_fkl", 20.0, 1050.0)):
+        path = tmp_path / f"{name}.tsv"
+        path.write_text(head + f"{s}\t0\t1\t0\t0\t0\t0\t0\t0\t{s}\n")
+        os.utime(path, (end, end))
+    assert sorted(job_intervals(tmp_path)) == [("distill", 1030.0, 1050.0), ("student_init", 1000.0, 1010.0),
+                                               ("teacher", 1000.0, 1030.0)]
+    table = timings_table(tmp_path)
+    assert "3 jobs in 50 s on up to 2 cores at once" in table and "at least 30.0 s" in table
+    assert "40.0 core-seconds had no job to run, 20.0 of them while a teacher trained (30 s)" in table
+    assert "| teacher | 0.0 | 30.0 |" in table and "| distill | 30.0 | 50.0 |" in table
+
+
 def test_every_shipped_recipe_has_a_method_card(capsys):
     """Every row is the method it names: each recipe states its paper, its code at a commit, and its deviations."""
     from harness.recipes import discover
