@@ -465,6 +465,7 @@ def tune(suite: Suite, recipe: Recipe, progress: bool = True) -> Path:
     """
     from .distill import TrainingFailed
     from .evaluation.evaluate_run import evaluate_model
+    from .evaluation.model_metrics import teacher_response_logits
     from .report.metric_info import is_higher_better
 
     suite = suite.for_teacher(None)  # the search distils from the primary teacher; its choice holds for all
@@ -603,6 +604,8 @@ def evaluate(suite: Suite, target: str, seeds: int | list[int], progress: bool =
     held_out = {name: held_out_batches(suite, tok, items) for name, items in sets.items()}
     # teacher-agreement metrics need a shared tokenizer: none for a student with its own
     teacher = None if target == "teacher" or suite.cross_tokenizer else load_model(teacher_source(suite), device=device)
+    teacher_logits = None if teacher is None else {  # the same for every seed's student: computed once
+        name: teacher_response_logits(teacher, batches) for name, batches in held_out.items() if batches}
     fingerprints = Fingerprints(suite)
     paths = []
     for seed in [seeds] if isinstance(seeds, int) else seeds:
@@ -622,7 +625,7 @@ def evaluate(suite: Suite, target: str, seeds: int | list[int], progress: bool =
         model = load_model(source, device=device)
         t0 = time.perf_counter()
         results = evaluate_model(
-            model, tok, sets, teacher=teacher, batches_for_model_metrics=held_out,
+            model, tok, sets, teacher=teacher, teacher_logits=teacher_logits, batches_for_model_metrics=held_out,
             gen_cfg={**gen_cfg, "progress": progress}, eval_seeds=ev["seeds"],
             n_coverage_samples=ev["coverage_samples"] or None, lm_eval_tasks=tasks, lm_eval_kwargs=lm_kwargs,
         )

@@ -44,7 +44,8 @@ from harness.evaluation import (
 from harness.evaluation.generation import encode_prompts
 from harness.evaluation.lm_eval_bridge import flatten_results, infer_task_kind, load_template
 from harness.evaluation.metrics.rouge_l.rouge_core import rouge_l_item, rouge_l_per_item
-from harness.evaluation.model_metrics import agreement_stats, ece_bin_stats, nll_stats, teacher_fit_stats
+from harness.evaluation.model_metrics import (agreement_stats, ece_bin_stats, ece_from_bin_stats, nll_stats,
+                                             teacher_fit_stats, teacher_response_logits)
 from harness.report.metric_info import metric_info
 
 REPO = Path(__file__).resolve().parents[1]
@@ -425,6 +426,34 @@ def test_model_metrics_on_models(tokenizer, zero_model, random_model):
     assert random_model.training is False
 
 
+def test_model_metrics_response_rows_and_teacher_logits_once(tokenizer, random_model, memorised_model):
+    """model_metrics computes logits at the response positions only and may take the teacher's rows computed
+    once (teacher_response_logits): both give what the library's full forwards give through the pure stats."""
+    batches = [collate(tokenizer, MEMO_ITEMS[i : i + 2]) for i in range(0, len(MEMO_ITEMS), 2)]
+    bins, nll, n, fit = [torch.zeros(15, dtype=torch.float64) for _ in range(3)], 0.0, 0, {}
+    with torch.no_grad():
+        for batch in batches:
+            student = random_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            teacher = memorised_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            for acc, part in zip(bins, ece_bin_stats(student, batch["labels"], batch["loss_mask"])):
+                acc += part
+            s, k = nll_stats(student, batch["labels"], batch["loss_mask"])
+            nll, n = nll + s, n + k
+            for key, value in teacher_fit_stats(student, teacher, batch["labels"], batch["loss_mask"]).items():
+                fit[key] = fit.get(key, 0.0) + value
+    expected = {"ece": ece_from_bin_stats(*bins), "response_nll": nll / n, "n_response_tokens": float(n),
+                "top1_agreement": fit["agree"] / n, "kl_to_teacher": fit["kl"] / n, "jsd_to_teacher": fit["jsd"] / n,
+                "tvd_to_teacher": fit["tvd"] / n}
+    rows = teacher_response_logits(memorised_model, batches)
+    assert [r.shape[0] for r in rows] == [int((b["labels"] != -100).sum()) for b in batches]
+    for out in (model_metrics(random_model, batches, teacher=memorised_model),
+                model_metrics(random_model, batches, teacher_logits=rows)):
+        for key, value in expected.items():
+            assert out[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    with pytest.raises(ValueError, match="teacher_logits holds 1 batches"):
+        model_metrics(random_model, batches, teacher_logits=rows[:1])
+
+
 # --------------------------------------------------------------------------------------- generation
 PROMPTS = [
     TEMPLATE.format(instruction="Name the capital of France."),
@@ -725,3 +754,35 @@ def test_item_answers_and_seeds():
     assert item_answers({"output": "x"}) == ["x"]
     assert item_answers({"output": ["x", "y"]}) == ["x", "y"]
     assert EVAL_SEEDS == (10, 20, 30, 40, 50)
+
+
+def test_lm_eval_model_shortcuts_match_hflm(tokenizer, random_model, memorised_model, monkeypatch):
+    """The wrapper :func:`run_lm_eval` uses (memoised ``tok_encode``, GPT-2 forwards and greedy decoding through
+    ``harness.gpt2_fast``) answers lm-eval's requests as ``HFLM`` itself does: the same log-likelihoods up to
+    float round-off, the same greedy flags and the same generated strings; and it does take its shortcuts."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from harness import gpt2_fast
+    from harness.evaluation.lm_eval_bridge import _hflm_class
+
+    contexts = [it["prompt"] for it in MEMO_ITEMS] + ["the cat", "the quick brown"]
+    continuations = [" paris", " four", " the lazy dog", " sat on the mat", " fox"]
+    ll = [Instance("loglikelihood", {}, (c, x), i) for i, (c, x) in
+          enumerate((c, x) for c in contexts for x in continuations)]
+    until = {"until": ["\n\n", "<|endoftext|>"], "max_gen_toks": 12, "do_sample": False}
+    gen = [Instance("generate_until", {}, (c, dict(until)), i) for i, c in enumerate(contexts)]
+    decodes = []
+    real_decode = gpt2_fast.decode
+    monkeypatch.setattr(gpt2_fast, "decode", lambda *a, **k: decodes.append(1) or real_decode(*a, **k))
+    for model in (random_model, memorised_model):
+        kwargs = {"pretrained": model, "tokenizer": tokenizer, "batch_size": 3, "device": "cpu", "max_length": 128}
+        library, ours = HFLM(**kwargs), _hflm_class()(**kwargs)
+        expected, got = library.loglikelihood(ll, disable_tqdm=True), ours.loglikelihood(ll, disable_tqdm=True)
+        assert [g for _, g in got] == [g for _, g in expected]
+        assert [v for v, _ in got] == pytest.approx([v for v, _ in expected], rel=1e-5, abs=1e-5)
+        texts = ours.generate_until(gen, disable_tqdm=True)
+        assert texts == library.generate_until(gen, disable_tqdm=True)
+        assert ours.generate_until(gen, disable_tqdm=True) == texts  # memoised encodings, same answers
+    assert decodes, "the greedy requests did not go through harness.gpt2_fast.decode"
+    assert texts[0].strip() == "paris"  # the memorised model answers (its generation was really compared)

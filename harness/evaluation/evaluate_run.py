@@ -68,6 +68,7 @@ def evaluate_model(
     eval_sets: Mapping[str, Sequence[Mapping[str, Any]]],
     *,
     teacher=None,
+    teacher_logits: Mapping[str, Sequence[Any]] | None = None,
     batches_for_model_metrics: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
     gen_cfg: Mapping[str, Any] | None = None,
     eval_seeds: Sequence[int] = EVAL_SEEDS,
@@ -82,6 +83,8 @@ def evaluate_model(
         model, tokenizer: the HF causal LM under evaluation and its tokenizer.
         eval_sets: set name -> items (``prompt``, ``answers``/``output``).
         teacher: a teacher LM sharing the tokenizer, for ``top1_agreement`` / ``kl_to_teacher``.
+        teacher_logits: set name -> the teacher's :func:`teacher_response_logits` on that set's
+            ``batches_for_model_metrics`` (computed once for several students; used instead of ``teacher``).
         batches_for_model_metrics: set name -> held-out training-format batches (``input_ids``,
             ``attention_mask``, shifted ``labels``) for ``ece``, ``response_nll`` and agreement.
         gen_cfg: keyword arguments of :func:`generate` (decoding, lengths, ``batch_size``,
@@ -155,7 +158,8 @@ def evaluate_model(
         # --- teacher-forced metrics on held-out responses
         if batches_for_model_metrics.get(set_name):
             t0 = time.perf_counter()
-            metrics.update(model_metrics(model, batches_for_model_metrics[set_name], teacher=teacher, n_bins=n_bins))
+            metrics.update(model_metrics(model, batches_for_model_metrics[set_name], teacher=teacher,
+                                         teacher_logits=(teacher_logits or {}).get(set_name), n_bins=n_bins))
             metrics["model_metrics_s"] = time.perf_counter() - t0
 
         # --- lm-eval tasks run for this set

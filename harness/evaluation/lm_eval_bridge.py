@@ -38,6 +38,7 @@ import logging
 import math
 import random
 import tempfile
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from functools import lru_cache
@@ -199,8 +200,24 @@ def fit_max_gen_toks(name: str, records: Iterable[Mapping[str, Any]], tokenizer,
     return min(int(requested), room)
 
 
+#: fitted task entries per tokenizer (weakly keyed), by the tasks, the context and each data file's content
+_FITTED: "weakref.WeakKeyDictionary[Any, dict[str, dict[str, dict[str, Any]]]]" = weakref.WeakKeyDictionary()
+
+
 def _fit_tasks(task_data: Mapping[str, TaskSpec], tokenizer, context: int | None) -> dict[str, dict[str, Any]]:
-    """Each task as ``{"path", "kind", "max_gen_toks"}`` with generation lengths fitted to ``context``."""
+    """Each task as ``{"path", "kind", "max_gen_toks"}`` with generation lengths fitted to ``context``; computed
+    once per tokenizer, tasks, context and data files (their SHA-256), then reused."""
+    files = {str(path): hashlib.sha256(path.expanduser().resolve().read_bytes()).hexdigest()
+             for path in (_spec(spec)[0] for spec in task_data.values())}
+    key = json.dumps([{k: v if isinstance(v, Mapping) else str(v) for k, v in task_data.items()}, context, files],
+                     sort_keys=True, default=str)
+    memo = _FITTED.setdefault(tokenizer, {})
+    if key not in memo:
+        memo[key] = _fit_tasks_uncached(task_data, tokenizer, context)
+    return copy.deepcopy(memo[key])
+
+
+def _fit_tasks_uncached(task_data: Mapping[str, TaskSpec], tokenizer, context: int | None) -> dict[str, dict[str, Any]]:
     fitted: dict[str, dict[str, Any]] = {}
     for name, spec in task_data.items():
         path, kind = _spec(spec)
@@ -345,6 +362,70 @@ def _evaluate_cached_tasks(lm, fitted: Mapping[str, Mapping[str, Any]], standard
         confirm_run_unsafe_code=False)
 
 
+#: token ids of the strings an lm-eval model wrapper encoded, per tokenizer (weakly keyed: gone with the tokenizer).
+#: One evaluate job scores several students with one tokenizer on the same requests: each string is encoded once.
+_ENCODED: "weakref.WeakKeyDictionary[Any, dict[tuple, tuple[int, ...]]]" = weakref.WeakKeyDictionary()
+
+
+@lru_cache(maxsize=1)
+def _hflm_class():
+    """lm-eval's ``HFLM`` with three shortcuts that change no number lm-eval reports (imported lazily: lm-eval
+    is heavy):
+
+    - ``tok_encode`` is memoised per tokenizer (:data:`_ENCODED`): ``tokenizer.encode`` of a string with the same
+      special-token settings gives the same ids every time.
+    - ``_model_call`` of a plain GPT-2 (:func:`harness.gpt2_fast.eligible`) runs :func:`harness.gpt2_fast.hidden_states`
+      and the head: ``model(inps).logits`` without the library's per-call overhead (equal up to float round-off).
+    - ``_model_generate`` of a plain GPT-2 whose ``generation_config`` adds nothing, asked for greedy decoding,
+      runs :func:`harness.gpt2_fast.decode` (``generate``'s greedy loop: same eos and padding) to ``max_length``
+      without lm-eval's stop-sequence criteria. Those criteria only end a batch early once every row has produced
+      a stop sequence; ``generate_until`` cuts each decoded row at its first stop sequence anyway, and greedy
+      tokens do not depend on how far decoding goes, so the returned strings are the same.
+
+    Anything else (sampling, mixed precision, another architecture, seq2seq) goes through ``HFLM`` unchanged.
+    """
+    from lm_eval.models.huggingface import HFLM
+
+    from .. import gpt2_fast
+
+    class FastHFLM(HFLM):
+        def tok_encode(self, string: str, add_special_tokens: bool | None = None,
+                       left_truncate_len: int | None = None, **kwargs) -> list[int]:
+            if kwargs:
+                return super().tok_encode(string, add_special_tokens, left_truncate_len, **kwargs)
+            memo = _ENCODED.setdefault(self.tokenizer, {})
+            key = (string, add_special_tokens, left_truncate_len, self.add_bos_token, self.prefix_token_id)
+            if key not in memo:
+                memo[key] = tuple(super().tok_encode(string, add_special_tokens, left_truncate_len))
+            return list(memo[key])
+
+        def _fast(self) -> bool:
+            return (self.backend == "causal" and self.mixed_precision_dtype is None
+                    and gpt2_fast.eligible(self.model))
+
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            if attn_mask is not None or labels is not None or not self._fast():
+                return super()._model_call(inps, attn_mask, labels)
+            with torch.no_grad():
+                return self.model.lm_head(gpt2_fast.hidden_states(self.model, inps))
+
+        def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
+            kwargs = dict(generation_kwargs)
+            attention_mask = kwargs.pop("attention_mask", None)
+            do_sample, temperature = kwargs.pop("do_sample", None), kwargs.pop("temperature", 0.0)
+            greedy = do_sample is False or (do_sample is None and temperature == 0.0)
+            config = self.model.generation_config
+            eos, pad = getattr(config, "eos_token_id", None), self.tokenizer.pad_token_id
+            if (kwargs or not greedy or attention_mask is None or not self._fast()
+                    or not gpt2_fast.plain_generation_config(self.model)
+                    or not isinstance(eos, int) or not isinstance(pad, int)):
+                return super()._model_generate(context, max_length, stop, **generation_kwargs)
+            return gpt2_fast.decode(self.model, context, attention_mask, max_new_tokens=max_length - context.shape[1],
+                                    eos_id=eos, pad_id=pad)
+
+    return FastHFLM
+
+
 def run_lm_eval(
     model,
     tokenizer,
@@ -374,8 +455,6 @@ def run_lm_eval(
         ``{"lm_eval/<task>/<metric>": value}`` (e.g. ``acc``, ``acc_norm`` in [0, 1] for "mc",
         ``exact_match`` in [0, 1] for "gen").
     """
-    from lm_eval.models.huggingface import HFLM
-
     standard_tasks = list(standard_tasks)
     names = list(task_data) + standard_tasks
     if not names:
@@ -385,7 +464,7 @@ def run_lm_eval(
     context = model_context_length(model)
     fitted = _fit_tasks(task_data, tokenizer, context)
     extra = {"max_length": context} if context is not None else {}
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, **extra)
+    lm = _hflm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, **extra)
     try:
         with torch.random.fork_rng(devices=[torch.device(device)] if cuda else []):
             if _fast_path():

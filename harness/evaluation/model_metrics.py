@@ -43,6 +43,7 @@ __all__ = [
     "teacher_agreement",
     "response_nll",
     "model_metrics",
+    "teacher_response_logits",
 ]
 
 
@@ -59,7 +60,8 @@ def ece_bin_stats(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-bin ``(count, sum of confidences, number correct)``, each ``[n_bins]`` float64.
 
-    ``logits [B, T, V]``; ``labels [B, T]`` (-100 ignored); ``mask [B, T]`` or None. Confidence is the
+    ``logits [B, T, V]``; ``labels [B, T]`` (-100 ignored); ``mask [B, T]`` or None (or response rows only:
+    ``logits [N, V]``, ``labels [N]``). Confidence is the
     top-1 softmax probability (float32); bin ``b`` holds confidences in ``(b/n, (b+1)/n]`` (bin 0 also
     takes 0). Summable across batches.
     """
@@ -98,7 +100,8 @@ FIT_CHUNK_ROWS = 1024  # response tokens per chunk: bounds the [N, V] float32 te
 def teacher_fit_stats(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None
 ) -> dict[str, float]:
-    """Sums over response tokens of the teacher-fit quantities; logits ``[B, T, V_s]``, ``[B, T, V_t]``.
+    """Sums over response tokens of the teacher-fit quantities; logits ``[B, T, V_s]``, ``[B, T, V_t]`` (or the
+    response rows only, ``[N, V_s]``, ``[N, V_t]`` with ``labels [N]``).
 
     ``log p = log_softmax(teacher)``, ``log q = log_softmax(student)`` in float32 over the shared vocabulary
     prefix ``min(V_s, V_t)``; per token: ``agree`` = [argmax q = argmax p], ``kl`` = Σ p (log p − log q),
@@ -148,49 +151,69 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _forward_logits(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def _response_rows(model, batch: Mapping[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
+    """The model's logits at the response positions ``keep`` (bool ``[B, T]``) only, ``[N, V]`` in row-major
+    order: a plain causal LM computes its head on those rows only (:func:`harness.models.counted_rows`)."""
+    from ..models import counted_rows
+
     device = _device(model)
-    out = model(
-        input_ids=batch["input_ids"].to(device),
-        attention_mask=batch["attention_mask"].to(device) if "attention_mask" in batch else None,
-    )
-    return out.logits
+    input_ids = batch["input_ids"].to(device)
+    attention_mask = batch["attention_mask"].to(device) if "attention_mask" in batch else torch.ones_like(input_ids)
+    return counted_rows(model, input_ids, attention_mask, keep.to(device))
+
+
+def _keep(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return _response_mask(batch["labels"], batch.get("loss_mask"))
+
+
+@torch.no_grad()
+def teacher_response_logits(teacher, batches: Iterable[Mapping[str, torch.Tensor]]) -> list[torch.Tensor]:
+    """The teacher's logits at each batch's response positions, ``[N_i, V_t]`` per batch (eval mode, no grad):
+    what :func:`model_metrics` compares every student with, computed once for all the students scored against
+    the same teacher on the same batches (pass them as ``teacher_logits``)."""
+    was = teacher.training
+    teacher.eval()
+    try:
+        return [_response_rows(teacher, batch, _keep(batch)) for batch in batches]
+    finally:
+        teacher.train(was)
 
 
 @torch.no_grad()
 def model_metrics(
-    model, batches: Iterable[Mapping[str, torch.Tensor]], *, teacher=None, n_bins: int = 15
+    model, batches: Iterable[Mapping[str, torch.Tensor]], *, teacher=None,
+    teacher_logits: list[torch.Tensor] | None = None, n_bins: int = 15
 ) -> dict[str, float]:
     """One pass over ``batches``: ``ece``, ``response_nll``, ``response_ppl``, ``n_response_tokens``
-    and, with a ``teacher``, ``top1_agreement``, ``kl_to_teacher``, ``jsd_to_teacher`` and
-    ``tvd_to_teacher`` (token means). Models are put in eval mode for the call and restored afterwards."""
-    models = [m for m in (model, teacher) if m is not None]
-    modes = [m.training for m in models]
-    for m in models:
-        m.eval()
+    and, with a ``teacher`` (or its :func:`teacher_response_logits` on these batches, ``teacher_logits``),
+    ``top1_agreement``, ``kl_to_teacher``, ``jsd_to_teacher`` and ``tvd_to_teacher`` (token means). Only the
+    response positions' logits are computed. Models are put in eval mode for the call and restored afterwards."""
+    batches = list(batches)
+    if teacher_logits is None and teacher is not None:
+        teacher_logits = teacher_response_logits(teacher, batches)
+    if teacher_logits is not None and len(teacher_logits) != len(batches):
+        raise ValueError(f"teacher_logits holds {len(teacher_logits)} batches' rows for {len(batches)} batches")
+    was = model.training
+    model.eval()
     bins = [torch.zeros(n_bins, dtype=torch.float64) for _ in range(3)]
     nll_sum, n_tok = 0.0, 0
     fit = {"agree": 0.0, "kl": 0.0, "jsd": 0.0, "tvd": 0.0}
     try:
-        for batch in batches:
-            labels = batch["labels"]
-            logits = _forward_logits(model, batch)
-            labels_d = labels.to(logits.device)
-            mask = batch.get("loss_mask")
-            mask_d = mask.to(logits.device) if mask is not None else None
-            for acc, part in zip(bins, ece_bin_stats(logits, labels_d, mask_d, n_bins)):
+        for i, batch in enumerate(batches):
+            keep = _keep(batch)
+            logits = _response_rows(model, batch, keep)  # [N, V]
+            labels = batch["labels"][keep].to(logits.device)  # [N]
+            for acc, part in zip(bins, ece_bin_stats(logits, labels, None, n_bins)):
                 acc += part
-            s, n = nll_stats(logits, labels_d, mask_d)
+            s, n = nll_stats(logits, labels)
             nll_sum += s
             n_tok += n
-            if teacher is not None:
-                t_logits = _forward_logits(teacher, batch).to(logits.device)
-                for key, value in teacher_fit_stats(logits, t_logits, labels_d, mask_d).items():
+            if teacher_logits is not None:
+                for key, value in teacher_fit_stats(logits, teacher_logits[i].to(logits.device), labels).items():
                     if key in fit:
                         fit[key] += value
     finally:
-        for m, mode in zip(models, modes):
-            m.train(mode)
+        model.train(was)
     nll = nll_sum / n_tok if n_tok else float("nan")
     out = {
         "ece": ece_from_bin_stats(*bins),
@@ -198,7 +221,7 @@ def model_metrics(
         "response_ppl": math.exp(nll) if n_tok else float("nan"),
         "n_response_tokens": float(n_tok),
     }
-    if teacher is not None:
+    if teacher_logits is not None:
         for key, name in (("agree", "top1_agreement"), ("kl", "kl_to_teacher"), ("jsd", "jsd_to_teacher"),
                           ("tvd", "tvd_to_teacher")):
             out[name] = fit[key] / n_tok if n_tok else float("nan")
