@@ -465,7 +465,6 @@ def tune(suite: Suite, recipe: Recipe, progress: bool = True) -> Path:
     """
     from .distill import TrainingFailed
     from .evaluation.evaluate_run import evaluate_model
-    from .evaluation.model_metrics import teacher_response_logits
     from .report.metric_info import is_higher_better
 
     suite = suite.for_teacher(None)  # the search distils from the primary teacher; its choice holds for all
@@ -591,6 +590,7 @@ def evaluate(suite: Suite, target: str, seeds: int | list[int], progress: bool =
     harness.report.records for the schema; a failed training run gives failed records, never numbers.
     """
     from .evaluation.evaluate_run import evaluate_model
+    from .evaluation.model_metrics import teacher_response_logits
 
     if target == "init" and not suite.primary_teacher:
         raise ValueError("the untrained student is evaluated against the primary teacher only")
