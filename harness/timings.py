@@ -43,22 +43,36 @@ def _with_worker_usage(rec: dict, bench: Path) -> dict:
     return {**rec, "cpu_time": cpu, "max_rss": max(float(rec.get("max_rss") or 0.0), float(worker["max_rss_mb"]))}
 
 
-def timings_table(bench_dir: Path) -> str:
-    """A Markdown table: per rule, jobs, total and mean wall seconds, total CPU seconds, largest peak RSS."""
-    rows: dict[str, list[dict]] = {}
+def read_benchmarks(bench_dir: Path) -> list[tuple[str, dict, float]]:
+    """Every benchmark file of ``bench_dir`` read once: ``(rule, record, end)`` per job, in file-name order —
+    ``record`` the file's row with the warm worker's usage folded in (:func:`_with_worker_usage`), ``end`` the
+    file's modification time (when the job ended)."""
+    jobs = []
     for path in sorted(Path(bench_dir).glob("*.tsv")):
         with open(path, newline="") as fh:
-            for rec in csv.DictReader(fh, delimiter="\t"):
-                rows.setdefault(_rule(path.stem), []).append(_with_worker_usage(rec, path))
-    if not rows:
+            recs = list(csv.DictReader(fh, delimiter="\t"))
+        if recs:
+            jobs.append((_rule(path.stem), _with_worker_usage(recs[0], path), path.stat().st_mtime))
+    return jobs
+
+
+def _number(rec: dict, key: str) -> float:
+    try:
+        return float(rec.get(key) or 0.0)
+    except ValueError:
+        return 0.0
+
+
+def timings_table(bench_dir: Path) -> str:
+    """A Markdown table: per rule, jobs, total and mean wall seconds, total CPU seconds, largest peak RSS; then
+    when the jobs ran (:func:`schedule_text`)."""
+    jobs = read_benchmarks(bench_dir)
+    if not jobs:
         return "(no benchmark files)\n"
-
-    def f(rec, key):
-        try:
-            return float(rec.get(key) or 0.0)
-        except ValueError:
-            return 0.0
-
+    rows: dict[str, list[dict]] = {}
+    for rule, rec, _ in jobs:
+        rows.setdefault(rule, []).append(rec)
+    f = _number
     lines = ["| rule | jobs | wall s (sum) | wall s (mean) | CPU s (sum) | peak RSS MB (max) |",
              "|---|---:|---:|---:|---:|---:|"]
     total_wall = total_cpu = 0.0
@@ -67,33 +81,37 @@ def timings_table(bench_dir: Path) -> str:
         total_wall, total_cpu = total_wall + wall, total_cpu + cpu
         lines.append(f"| {rule} | {len(recs)} | {wall:.1f} | {wall / len(recs):.1f} | {cpu:.1f} | "
                      f"{max(f(r, 'max_rss') for r in recs):.0f} |")
-    lines.append(f"| **all jobs** | {sum(len(r) for r in rows.values())} | {total_wall:.1f} | | {total_cpu:.1f} | |")
-    when = schedule_text(bench_dir)
+    lines.append(f"| **all jobs** | {len(jobs)} | {total_wall:.1f} | | {total_cpu:.1f} | |")
+    when = schedule_text(_intervals(jobs))
     return ("Time per rule, from Snakemake's benchmark files (jobs run in parallel, so the sum of wall seconds "
             "exceeds the run's wall time).\n\n" + "\n".join(lines) + "\n" + ("\n" + when if when else ""))
+
+
+def _intervals(jobs: list[tuple[str, dict, float]]) -> list[tuple[str, float, float]]:
+    return [(rule, end - _number(rec, "s"), end) for rule, rec, end in jobs]
 
 
 def job_intervals(bench_dir: Path) -> list[tuple[str, float, float]]:
     """``(rule, start, end)`` of every benchmarked job, in seconds since the epoch: ``end`` is the benchmark file's
     modification time, ``start`` that minus the job's wall seconds (``s``)."""
-    out = []
-    for path in sorted(Path(bench_dir).glob("*.tsv")):
-        with open(path, newline="") as fh:
-            walls = [float(rec.get("s") or 0.0) for rec in csv.DictReader(fh, delimiter="\t")]
-        if walls:
-            end = path.stat().st_mtime
-            out.append((_rule(path.stem), end - walls[0], end))
-    return out
+    return _intervals(read_benchmarks(bench_dir))
 
 
 def _segments(intervals: list[tuple[str, float, float]]) -> list[tuple[float, float, int, bool]]:
-    """The run cut where any job starts or ends: ``(start, end, jobs running, a teacher among them)``."""
-    cuts = sorted({t for _, a, b in intervals for t in (a, b)})
-    out = []
+    """The run cut where any job starts or ends: ``(start, end, jobs running, a teacher among them)``; one sweep
+    over the sorted starts and ends (a job runs over ``[start, end)``)."""
+    events: dict[float, list[int]] = {}
+    for rule, a, b in intervals:
+        teacher = int(rule == "teacher")
+        for t, sign in ((a, 1), (b, -1)):
+            delta = events.setdefault(t, [0, 0])
+            delta[0] += sign
+            delta[1] += sign * teacher
+    out, running, teachers = [], 0, 0
+    cuts = sorted(events)
     for a, b in zip(cuts, cuts[1:]):
-        mid = (a + b) / 2
-        running = [rule for rule, s, e in intervals if s <= mid < e]
-        out.append((a, b, len(running), any(rule == "teacher" for rule in running)))
+        running, teachers = running + events[a][0], teachers + events[a][1]
+        out.append((a, b, running, teachers > 0))
     return out
 
 
@@ -121,9 +139,9 @@ def schedule(intervals: list[tuple[str, float, float]]) -> dict:
             "rules": {r: (a - t0, b - t0) for r, (a, b) in sorted(rules.items(), key=lambda kv: kv[1])}}
 
 
-def schedule_text(bench_dir: Path) -> str:
-    """:func:`schedule` of a run's benchmark files in words and a table (empty without files)."""
-    intervals = job_intervals(bench_dir)
+def schedule_text(intervals: list[tuple[str, float, float]]) -> str:
+    """:func:`schedule` of a run's job intervals (:func:`job_intervals`) in words and a table (empty without
+    jobs)."""
     if not intervals:
         return ""
     s = schedule(intervals)

@@ -461,6 +461,27 @@ def test_schedule_from_job_intervals():
     assert lone["cores"] == 2 and lone["idle_teacher"] == 10.0 and lone["idle"] == pytest.approx(11.0)
 
 
+def test_schedule_segments_sweep_equals_counting_at_each_midpoint():
+    """The sweep over starts and ends gives, for every piece between two consecutive times, the jobs a direct
+    count at the piece's midpoint finds (random intervals with shared end points)."""
+    import random
+
+    from harness.timings import _segments
+
+    rng = random.Random(3)
+    for _ in range(50):
+        jobs = []
+        for _ in range(rng.randint(1, 12)):
+            a = float(rng.randint(0, 20))
+            jobs.append((rng.choice(["teacher", "distill", "tune"]), a, a + rng.randint(1, 8)))
+        cuts = sorted({t for _, a, b in jobs for t in (a, b)})
+        expected = []
+        for a, b in zip(cuts, cuts[1:]):
+            running = [rule for rule, s, e in jobs if s <= (a + b) / 2 < e]
+            expected.append((a, b, len(running), "teacher" in running))
+        assert _segments(jobs) == expected
+
+
 def test_timings_table_says_when_jobs_ran_from_file_times(tmp_path):
     import os
 
