@@ -1,6 +1,7 @@
-"""Micro-benchmarks of the harness (``python -m harness.bench objectives|startup|steps|runs ...``).
+"""Micro-benchmarks of the harness (``python -m harness.bench objectives|startup|steps|runs|evaluate ...``).
 
-``startup``, ``steps`` and ``runs`` are described in :data:`STARTUP_DOC`, :data:`STEPS_DOC` and :data:`RUNS_DOC`
+``startup``, ``steps``, ``runs`` and ``evaluate`` are described in :data:`STARTUP_DOC`, :data:`STEPS_DOC`,
+:data:`RUNS_DOC` and :data:`EVALUATE_DOC`
 (below).
 
 ``objectives`` has two suites (``--suite``; default: ``gpu`` on CUDA, ``cpu`` otherwise):
@@ -1186,6 +1187,117 @@ def bench_runs(args) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ----------------------------------------------------------------------------------------------------------
+# evaluate jobs against another revision (``python -m harness.bench evaluate``)
+# ----------------------------------------------------------------------------------------------------------
+EVALUATE_DOC = """Evaluate jobs: this checkout against the harness of a git revision, on the same trained students.
+
+Each of ``--rounds`` rounds runs, for every target, the pipeline's evaluate step (``evaluate --target T`` over all
+the suite's seeds, in its own process without the warm worker) first with this checkout, then with the revision's
+``harness/`` (``git archive``), each side in a fresh work directory that links the data, tokenizer, primary teacher
+and final runs of an existing one (``--workdir``). Reported: the job's wall time (process start to exit, imports
+included), the seconds its records give to evaluating the students (``eval_total_s`` summed over the seeds) and
+their parts (sampling for ROUGE-L, lm-eval, model metrics), and whether both sides wrote the same metrics."""
+
+_EVAL_LINKED = ("data", "tokenizer", "teacher", "runs")
+
+
+def _eval_costs(records: list[Path]) -> dict:
+    """Summed evaluation seconds (and parts) of one job's records, and their metrics (for the equality check)."""
+    out = {"total": 0.0, "generation": 0.0, "lm_eval": 0.0, "model_metrics": 0.0, "metrics": []}
+    for path in sorted(records):
+        record = json.loads(path.read_text())
+        costs = record.get("costs") or {}
+        out["total"] += float(costs.get("eval_total_s", 0.0))
+        for part in ("generation", "lm_eval", "model_metrics"):
+            out[part] += float(costs.get(f"eval_{part}_s", 0.0))
+        out["metrics"].append(record.get("metrics"))
+    return out
+
+
+def bench_evaluate(args) -> str:
+    """See :data:`EVALUATE_DOC`."""
+    import shutil
+    import tempfile
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    rev = _revision(root, args.against, "evaluate")
+    suite = yaml.safe_load(Path(args.config).read_text())
+    work = (root / (args.workdir or suite.get("workdir") or f"work/{suite['suite']}")).resolve()
+    seeds = suite.get("seeds") or [1]
+    missing = [name for name in _EVAL_LINKED if not (work / name).exists()]
+    missing += [f"runs/{t}/seed{s}/run.json" for t in args.targets for s in seeds
+                if not (work / "runs" / t / f"seed{s}" / "run.json").exists()]
+    if missing:
+        raise SystemExit(f"bench evaluate: {work} lacks {', '.join(missing[:4])}; build it first (make reproduce, or "
+                         f"snakemake --cores all --configfile {args.config}) or name another with --workdir")
+    jobs: dict[str, dict[str, list[dict]]] = {"this": {}, rev: {}}
+    with tempfile.TemporaryDirectory(prefix="bench-evaluate-") as tmp:
+        tmp = Path(tmp)
+        (tmp / "rev").mkdir()
+        _extract(root, rev, tmp / "rev", "harness")
+        trees, configs = {"this": root, rev: tmp / "rev"}, {}
+        for label in trees:
+            side = tmp / f"work-{'this' if label == 'this' else 'rev'}"
+            side.mkdir()
+            for item in _EVAL_LINKED:
+                (side / item).symlink_to(work / item)
+            configs[label] = tmp / f"{side.name}.yaml"
+            configs[label].write_text(yaml.safe_dump({**suite, "workdir": str(side)}))
+        for k in range(args.rounds):
+            for t in args.targets:
+                for label, tree in trees.items():
+                    side = Path(yaml.safe_load(configs[label].read_text())["workdir"])
+                    shutil.rmtree(side / "records" / t, ignore_errors=True)
+                    cmd = [sys.executable, "-P", "-m", "harness.cli", "--no-progress", "evaluate", "--config",
+                           str(configs[label]), "--threads", str(args.threads), "--teacher-seed",
+                           str((suite.get("teacher_seeds") or [0])[0]), "--target", t]
+                    cmd += [a for s in seeds for a in ("--seed", str(s))]
+                    env = dict(os.environ, PYTHONPATH=str(tree), DISTILLBENCH_WORKER="0")
+                    start = time.perf_counter()
+                    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+                    wall = time.perf_counter() - start
+                    if done.returncode != 0:
+                        last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+                        raise SystemExit(f"bench evaluate: {label}'s {t} failed: {last}")
+                    cost = {**_eval_costs(list((side / "records" / t).glob("seed*/*.json"))), "wall": wall}
+                    jobs[label].setdefault(t, []).append(cost)
+                    print(f"round {k + 1}/{args.rounds}: {t} {label}: job {wall:.1f} s, evaluating "
+                          f"{cost['total']:.2f} s", file=sys.stderr, flush=True)
+    shown = work.relative_to(root) if work.is_relative_to(root) else work
+    lines = [
+        f"# Evaluate jobs: this checkout against {rev}",
+        "",
+        f"- command: `python -m harness.bench {' '.join(shlex.quote(a) for a in sys.argv[1:])}`",
+        f"- suite {suite['suite']} ({args.config}), {len(seeds)} students a job (seeds {', '.join(map(str, seeds))}), "
+        f"{args.threads} torch thread(s), {platform.machine()}, torch {torch.__version__}; students and teacher "
+        f"linked from {shown}",
+        f"- {args.rounds} round(s), the two sides alternated per target; job s: the evaluate process's wall time "
+        "(imports included, no warm worker); evaluating s: the records' eval_total_s summed over the job's students, "
+        "then its parts (sampling for ROUGE-L, lm-eval, model metrics), medians over the rounds; min–max over the "
+        "rounds where two numbers; ratio: median over rounds of this / that; same metrics: every record's metrics "
+        "equal on both sides in every round",
+        "",
+        f"| target | this: job s | {rev}: job s | this / {rev} | this: evaluating s | {rev}: evaluating s | "
+        f"this / {rev} | this: sampling, lm-eval, model metrics s | {rev}: the same | same metrics |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for t in args.targets:
+        a, b = jobs["this"][t], jobs[rev][t]
+        parts = [" / ".join(f"{statistics.median(x[p] for x in side):.2f}"
+                            for p in ("generation", "lm_eval", "model_metrics")) for side in (a, b)]
+        same = all(x["metrics"] == y["metrics"] for x in a for y in b)
+        lines.append(
+            f"| {t} | {_span([x['wall'] for x in a])} | {_span([x['wall'] for x in b])} | "
+            f"{statistics.median(x['wall'] / y['wall'] for x, y in zip(a, b)):.2f} | "
+            f"{_span([x['total'] for x in a], '{:.2f}')} | {_span([x['total'] for x in b], '{:.2f}')} | "
+            f"{statistics.median(x['total'] / y['total'] for x, y in zip(a, b)):.2f} | {parts[0]} | {parts[1]} | "
+            f"{'yes' if same else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
 def _emit(text: str, out: str | None) -> int:
     """Print a report and, with ``--out``, also write it there."""
     print(text)
@@ -1258,7 +1370,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="runs of each side per recipe, alternated")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the suite's jobs use threads_per_job)")
     p.add_argument("--out", default=None, help="also write the Markdown table here")
+    p = sub.add_parser("evaluate", help="evaluate jobs on the same students, this checkout against a git revision")
+    p.add_argument("--config", default="config/tiny.yaml", help="suite whose work directory has the trained students")
+    p.add_argument("--workdir", default=None, help="that work directory (default: the suite's, e.g. work/tiny)")
+    p.add_argument("--targets", nargs="+", default=["fkl", "distillm2"], help="recipes whose final runs are evaluated")
+    p.add_argument("--against", required=True, metavar="REV", help="git revision whose harness runs too")
+    p.add_argument("--rounds", type=int, default=3, help="jobs of each side per target, alternated")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the suite's jobs use threads_per_job)")
+    p.add_argument("--out", default=None, help="also write the Markdown table here")
     args = parser.parse_args(argv)
+    if args.what == "evaluate":
+        return _emit(bench_evaluate(args), args.out)
     if args.what == "runs":
         return _emit(bench_runs(args), args.out)
     if args.what == "steps" and args.against:
