@@ -1095,6 +1095,23 @@ def _run_costs(path: Path) -> dict:
     return {"train_s": float(costs["train_time_s"]), "gen_s": float(costs.get("generation_s", 0.0)), "drawn": drawn}
 
 
+def _against_workdir(args, command: str, needs) -> tuple[Path, str, dict, Path]:
+    """This checkout's root, the short hash of revision ``args.against``, the suite file ``args.config`` (a dict) and
+    its work directory (``args.workdir``, default the suite's), which must hold every path ``needs(suite)`` lists
+    (relative to it): a one-line exit naming the first missing ones otherwise."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    rev = _revision(root, args.against, command)
+    suite = yaml.safe_load(Path(args.config).read_text())
+    work = (root / (args.workdir or suite.get("workdir") or f"work/{suite['suite']}")).resolve()
+    missing = [name for name in needs(suite) if not (work / name).exists()]
+    if missing:
+        raise SystemExit(f"bench {command}: {work} lacks {', '.join(missing[:4])}; build it first (make reproduce, "
+                         f"or snakemake --cores all --configfile {args.config}) or name another with --workdir")
+    return root, rev, suite, work
+
+
 def _side(tmp: Path, name: str, tree: Path, work: Path, suite: dict, recipes: list[str]) -> Path:
     """A fresh work directory ``tmp/work-name`` linking ``work``'s prerequisites, and its suite file (returned):
     the suite with that work directory and ``tree``'s recipes."""
@@ -1128,16 +1145,8 @@ def bench_runs(args) -> str:
 
     import yaml
 
-    root = Path(__file__).resolve().parents[1]
-    rev = _revision(root, args.against, "runs")
-    suite = yaml.safe_load(Path(args.config).read_text())
-    work = (root / (args.workdir or suite.get("workdir") or f"work/{suite['suite']}")).resolve()
-    missing = [name for name in _LINKED if not (work / name).exists()]
-    missing += [f"tuning/{r}/chosen.json" for r in args.recipes
-                if suite.get("tuning") and not (work / "tuning" / r / "chosen.json").exists()]
-    if missing:
-        raise SystemExit(f"bench runs: {work} lacks {', '.join(missing)}; build it first (make reproduce, or "
-                         f"snakemake --cores all --configfile {args.config}) or name another with --workdir")
+    root, rev, suite, work = _against_workdir(args, "runs", lambda suite: list(_LINKED) + [
+        f"tuning/{r}/chosen.json" for r in args.recipes if suite.get("tuning")])
     costs: dict[str, dict[str, list[dict]]] = {"this": {}, rev: {}}
     with tempfile.TemporaryDirectory(prefix="bench-runs-") as tmp:
         tmp = Path(tmp)
@@ -1195,7 +1204,8 @@ EVALUATE_DOC = """Evaluate jobs: this checkout against the harness of a git revi
 Each of ``--rounds`` rounds runs, for every target, the pipeline's evaluate step (``evaluate --target T`` over all
 the suite's seeds, in its own process without the warm worker) first with this checkout, then with the revision's
 ``harness/`` (``git archive``), each side in a fresh work directory that links the data, tokenizer, primary teacher
-and final runs of an existing one (``--workdir``). Reported: the job's wall time (process start to exit, imports
+and final runs of an existing one (``--workdir``; this checkout's own: its ``teacher.json`` names the teacher by a
+path relative to the checkout that made it). Reported: the job's wall time (process start to exit, imports
 included), the seconds its records give to evaluating the students (``eval_total_s`` summed over the seeds) and
 their parts (sampling for ROUGE-L, lm-eval, model metrics), and whether both sides wrote the same metrics."""
 
@@ -1222,17 +1232,9 @@ def bench_evaluate(args) -> str:
 
     import yaml
 
-    root = Path(__file__).resolve().parents[1]
-    rev = _revision(root, args.against, "evaluate")
-    suite = yaml.safe_load(Path(args.config).read_text())
-    work = (root / (args.workdir or suite.get("workdir") or f"work/{suite['suite']}")).resolve()
+    root, rev, suite, work = _against_workdir(args, "evaluate", lambda suite: list(_EVAL_LINKED) + [
+        f"runs/{t}/seed{s}/run.json" for t in args.targets for s in suite.get("seeds") or [1]])
     seeds = suite.get("seeds") or [1]
-    missing = [name for name in _EVAL_LINKED if not (work / name).exists()]
-    missing += [f"runs/{t}/seed{s}/run.json" for t in args.targets for s in seeds
-                if not (work / "runs" / t / f"seed{s}" / "run.json").exists()]
-    if missing:
-        raise SystemExit(f"bench evaluate: {work} lacks {', '.join(missing[:4])}; build it first (make reproduce, or "
-                         f"snakemake --cores all --configfile {args.config}) or name another with --workdir")
     jobs: dict[str, dict[str, list[dict]]] = {"this": {}, rev: {}}
     with tempfile.TemporaryDirectory(prefix="bench-evaluate-") as tmp:
         tmp = Path(tmp)
