@@ -147,6 +147,25 @@ def test_bench_runs_trains_both_sides_on_the_work_directorys_prerequisites(smoke
                          env=_env(), timeout=120)
     assert bad.returncode != 0 and "lacks data" in bad.stderr and "make reproduce" in bad.stderr
 
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (REPO / ".git").exists(), reason="needs the git history of a clone")
+def test_bench_evaluate_scores_the_same_students_on_both_sides(smoke_run):
+    """``python -m harness.bench evaluate``: this checkout and a revision (here HEAD, the same code) each evaluate the
+    smoke run's students in a work directory of their own: the same metrics, and the smoke run's records untouched."""
+    tmp, _ = smoke_run
+    records = sorted((tmp / "work" / "records" / "fkl").rglob("*.json"))
+    before = [p.read_bytes() for p in records]
+    out = subprocess.run([sys.executable, "-m", "harness.bench", "evaluate", "--config", "config/smoke.yaml",
+                          "--workdir", str(tmp / "work"), "--targets", "fkl", "--against", "HEAD", "--rounds", "1",
+                          "--out", str(tmp / "evaluate.md")], cwd=REPO, capture_output=True, text=True, env=_env(),
+                         timeout=600)
+    assert out.returncode == 0, out.stderr
+    row = next(line for line in (tmp / "evaluate.md").read_text().splitlines() if line.startswith("| fkl "))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert len(cells) == 10 and float(cells[1]) > 0 and float(cells[4]) > 0 and cells[9] == "yes", row
+    assert "round 1/1: fkl this" in out.stderr and [p.read_bytes() for p in records] == before
+
 @pytest.mark.slow
 def test_a_rerun_after_success_does_nothing(smoke_run):
     _, overrides = smoke_run
